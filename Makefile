@@ -1,0 +1,56 @@
+# microgrid-twin: one-line entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SYSTEM_PACKAGES := mosquitto mosquitto-clients influxdb
+
+.PHONY: help test demo check bench system-deps install clean
+
+help:
+	@echo "make test    install what is missing (apt-get, pip) and run the whole test suite"
+	@echo "make demo    install and run the demo (emulated Nevada site)"
+	@echo "make check   ruff and mypy"
+	@echo "make bench   run every benchmark and print one table"
+
+# Mosquitto and InfluxDB 1.x are real dependencies of the integration tests.
+system-deps:
+	@missing=""; \
+	for b in mosquitto mosquitto_pub influxd; do \
+	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing with apt-get"; \
+	    apt-get update -q >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  else \
+	    echo "missing:$$missing. Install the packages $(SYSTEM_PACKAGES) (Debian/Ubuntu:" \
+	         "sudo apt-get install $(SYSTEM_PACKAGES); macOS: brew install mosquitto influxdb@1)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: system-deps $(STAMP)
+	$(BIN)/python -m pytest -q --durations=10
+
+check: $(STAMP)
+	$(BIN)/ruff check twin emulators tests benchmarks
+	$(BIN)/mypy
+
+demo: $(STAMP)
+	$(BIN)/mgtwin demo
+
+bench: system-deps $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
