@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Final
 from datetime import datetime
 
 import numpy as np
@@ -619,6 +620,9 @@ class DispatchResult:
     unserved_w: float
 
 
+_MIN_WEIGHT_WH: Final = 1e-6
+
+
 def _water_fill(total: float, weight: FloatArray, cap: FloatArray) -> tuple[FloatArray, float]:
     """Share ``total`` in proportion to ``weight``, no share above its ``cap``.
 
@@ -709,8 +713,10 @@ def dispatch(
     cap = p_dis if discharging else p_chg
     if dt_s is not None:
         cap = np.minimum(cap, np.maximum(weight, 0.0) * _S_PER_H / dt_s)
-    usable = ~skip & np.isfinite(weight) & np.isfinite(cap)
-    weight = np.where(usable, np.maximum(weight, 0.0), 0.0)
+    # A weight below a microwatt-hour is an empty pack; subnormal weights would overflow the
+    # fill levels of the water-filling.
+    usable = ~skip & np.isfinite(weight) & np.isfinite(cap) & (weight > _MIN_WEIGHT_WH)
+    weight = np.where(usable, weight, 0.0)
     cap = np.where(usable, np.maximum(cap, 0.0), 0.0)
     share, shortfall = _water_fill(abs(request_w), weight, cap)
     sign = 1.0 if discharging else -1.0
