@@ -116,6 +116,142 @@ def config_env() -> None:
     console.print(table)
 
 
+_UNITS = {"d": 86_400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a duration such as ``24h``, ``90m``, ``1h30m``, ``2d`` or ``45`` (seconds) into seconds.
+
+    Raises:
+        typer.BadParameter: the text is not a positive duration.
+
+    Examples:
+        >>> parse_duration("1h30m"), parse_duration("45"), parse_duration("2d")
+        (5400.0, 45.0, 172800.0)
+    """
+    import re
+
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)", value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            msg = f"{text!r} is not a duration; use e.g. 30s, 15m, 24h, 2d or 1h30m"
+            raise typer.BadParameter(msg)
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        msg = f"{text!r}: the duration must be positive"
+        raise typer.BadParameter(msg)
+    return seconds
+
+
+@app.command()
+def emulate(
+    scenario: Annotated[
+        str, typer.Option("--scenario", "-s", help="Packaged scenario name (see --list) or path to a TOML file.")
+    ] = "nevada",
+    duration: Annotated[str, typer.Option("--duration", "-d", help="Simulated time: 30m, 24h, 7d, ...")] = "1h",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write a run folder here (offline, as fast as possible).")
+    ] = None,
+    mqtt_url: Annotated[
+        str | None, typer.Option("--mqtt", help="Publish live to this broker (mqtt://HOST:PORT) instead.")
+    ] = None,
+    speed: Annotated[float, typer.Option(help="Live: simulated seconds per wall-clock second.", min=0.01)] = 1.0,
+    truth: Annotated[bool, typer.Option("--truth/--no-truth", help="Offline: write truth tables; live: publish truth topics.")] = False,
+    packs: Annotated[int | None, typer.Option(help="Scale the scenario down to N packs, keeping the mix.", min=1)] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    dt: Annotated[float, typer.Option(help="Physics time step in seconds (telemetry cadence stays the scenario's).")] = 1.0,
+    pack_level: Annotated[
+        bool, typer.Option("--pack-level", help="Two cell groups per string instead of every cell (faster).")
+    ] = False,
+    truth_every: Annotated[str, typer.Option(help="Cadence of the per-pack truth table.")] = "10s",
+    site_truth_every: Annotated[str, typer.Option(help="Cadence of the site's forward-simulated runtime.")] = "15m",
+    aging_speedup: Annotated[float, typer.Option(help="Multiply aging rates (see months of fade in a short run).")] = 1.0,
+    list_scenarios: Annotated[bool, typer.Option("--list", help="List the packaged scenarios and exit.")] = False,
+) -> None:
+    """Run the pack and site emulators: to a run folder (--out) or live on MQTT (--mqtt).
+
+    Offline runs write run.json, packs, status, telemetry, cells and site tables as Parquet, and
+    with --truth the emulator's true state (truth.parquet, site_truth.parquet) for evaluation.
+    Live runs publish per the MQTT contract, one gateway connection per pack; the same seed gives
+    the same messages at any --speed. Broker credentials come from MGTWIN_EMULATOR_USERNAME and
+    MGTWIN_EMULATOR_PASSWORD, never the command line.
+    """
+    import os
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from emulators.live import FolderSink, MqttSink, run_info
+    from emulators.publisher import Credentials
+    from emulators.run import Emulation, EmulationOptions
+    from emulators.scenario import list_scenarios as packaged
+    from emulators.scenario import load_scenario
+
+    if list_scenarios:
+        for name in packaged():
+            sc = load_scenario(name)
+            console.print(
+                f"{name:12s} {sc.pack_count:5d} packs  {sc.nameplate_power_mw:6.2f} MW  "
+                f"{sc.nameplate_energy_mwh:6.2f} MWh  {sc.description}"
+            )
+        return
+    if (out is None) == (mqtt_url is None):
+        msg = "give exactly one of --out DIR (offline) or --mqtt URL (live)"
+        raise typer.BadParameter(msg)
+    sc = load_scenario(scenario)
+    if packs is not None:
+        sc = sc.scaled(packs)
+    if seed is not None:
+        sc = sc.model_copy(update={"seed": seed})
+    options = EmulationOptions(
+        duration_s=parse_duration(duration),
+        dt_s=dt,
+        cell_level=not pack_level,
+        chunk_s=600.0 if out is not None else max(dt, min(10.0, 10.0 * speed)),
+        truth_every_s=parse_duration(truth_every),
+        site_truth_every_s=parse_duration(site_truth_every),
+        aging_speedup=aging_speedup,
+        truth=truth,
+    )
+    emulation = Emulation(sc, options)
+    sink: FolderSink | MqttSink
+    if out is not None:
+        sink = FolderSink(out, truth=truth)
+    else:
+        user = os.environ.get("MGTWIN_EMULATOR_USERNAME")
+        creds = Credentials(user, os.environ.get("MGTWIN_EMULATOR_PASSWORD")) if user else None
+        assert mqtt_url is not None
+        sink = MqttSink(mqtt_url, sc.site, list(emulation.fleet.pack_ids), speed=speed, truth=truth, credentials=creds)
+    total_steps = round(options.duration_s / options.dt_s)
+    where = str(out) if out is not None else f"{mqtt_url} at {speed:g}x"
+    console.print(f"emulating [bold]{sc.site}[/]: {emulation.fleet.n_packs} packs, {duration} -> {where}")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("simulating", total=total_steps)
+        try:
+            figures = emulation.run(sink, progress=lambda done: bar.update(task, completed=done))
+        except KeyboardInterrupt:
+            err_console.print("interrupted: closing what was written so far")
+            figures = {"wall_s": 0.0, "steps": float(emulation.steps_done), "pack_steps_per_s": 0.0}
+        finally:
+            sink.close(run_info(emulation))
+    console.print(
+        f"done: {int(figures['steps'])} steps of {options.dt_s:g} s for {emulation.fleet.n_packs} packs in "
+        f"{figures['wall_s']:.1f} s ({figures['pack_steps_per_s']:,.0f} pack-steps/s)"
+    )
+    if out is not None:
+        console.print(f"run folder: {out}")
+
+
 def main() -> None:
     """Run the CLI, turning the twin's own errors into one clear line and exit status 2."""
     try:
@@ -123,3 +259,7 @@ def main() -> None:
     except TwinError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
