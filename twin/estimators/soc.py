@@ -1,0 +1,1441 @@
+"""Pack state of charge by an extended Kalman filter, vectorised over every pack of the site.
+
+Each pack is treated as one equivalent cell group (pack voltage over the series count) with
+the equivalent circuit of its chemistry (:mod:`twin.chemistry`), and four states::
+
+    x = [soc, v_rc_v, hyst, current_offset_a]
+
+* ``soc``: mean SoC of the pack's cell groups, fraction;
+* ``v_rc_v``: voltage across the one RC pair of a cell group, V;
+* ``hyst``: Plett's normalised one-state hysteresis in [-1, 1] (it tends to -1 on discharge
+  and +1 on charge; its amplitude ``H(soc)`` is zero except for LFP);
+* ``current_offset_a``: the current sensor's offset, A (the sensor reads true + offset),
+  a random walk.
+
+Between samples ``k-1`` and ``k`` (``dt`` from the samples' own timestamps; the current of
+sample ``k-1`` is held, as a BMS samples at the start of an interval), with ``i = i_meas -
+offset``, positive on discharge, and ``Q`` the capacity prior in A·s::
+
+    soc'    = soc - eta(i) * i * dt / Q                      eta = coulombic efficiency on charge
+    v_rc'   = a * v_rc + (1 - a) * R1 * i                    a = exp(-dt / tau1)
+    hyst'   = f * hyst - (1 - f) * sign(i)                   f = exp(-gamma * |i| * dt / Q)
+    offset' = offset
+
+and the measurement of sample ``k`` is the mean cell voltage::
+
+    voltage_v / series = OCV(soc) + H(soc) * hyst - R0 * (i_meas - offset) - v_rc
+
+``R0`` and ``R1`` are the chemistry's ``R x Ah`` over the *rated* group capacity, times its
+SoC shape and Arrhenius factor at the sample's ``temp_avg_c``; ``R0`` also carries the
+connector share of the pack and any extra series resistance given in :class:`PackInfo`.
+
+How the filter is tuned, and what it says about itself:
+
+* Process noise on ``soc`` grows with charge throughput (the capacity prior is uncertain,
+  :attr:`SocOptions.capacity_error`) and with the current sensor's noise. On the flat LFP
+  plateau the voltage carries little information, so ``soc_std`` grows there: the filter is
+  coulomb counting and says so (flag ``lfp_plateau``, and ``uncertain`` once ``soc_std``
+  exceeds :attr:`SocOptions.uncertain_soc_std`).
+* Model errors are biases, not white noise: the OCV table's error and the resistances'
+  relative error (:attr:`SocOptions.resistance_error`, aging and pack spread, which adds
+  ``(error * R0 * i)**2``). Treated as white, thousands of samples on the plateau would
+  "average them away" and make the filter overconfident. Their variance is therefore
+  multiplied by the number of samples that pass before they decorrelate, after
+  :attr:`SocOptions.ocv_error_corr_soc` of SoC travel or :attr:`SocOptions.ocv_error_corr_s`
+  of time, whichever comes first: the voltage brings information per unit of time or of
+  SoC swept, not per sample, and voltage under heavy current counts for less.
+* ``OCV(soc)`` enters the update by statistical linearisation over the SoC prior (3-point
+  Gauss-Hermite: mean, secant slope and the residual as extra measurement variance) instead
+  of the tangent. With a wide prior on a curved OCV (LFP's plateau between steep ends) the
+  tangent makes the first updates jump into the wrong region and collapse the covariance
+  there; once the prior is narrow the two agree.
+
+Two more outputs come from ``cell_v_min_v`` and ``cell_v_max_v``: the SoC offsets of the
+weakest and the strongest cell group from the mean, each a scalar random-walk Kalman filter
+on the difference ``cell_v - voltage_v / series`` (which cancels the shared current, RC and
+offset terms). They give ``soc_min_cell``, ``soc_max_cell`` and the string's usable SoC
+``soc_usable = soc_min / (soc_min + 1 - soc_max)``: a series string is empty when its
+weakest cell is empty and full when its strongest is full.
+
+Data handling in :meth:`SocEstimator.update` (per pack, in event time):
+
+* rows are sorted by ``(pack, ts_ms)`` within a batch; a row whose ``(pack, ts_ms)`` is
+  already in the batch or is the pack's last processed sample is a **duplicate**: ignored
+  and counted; a row older than the pack's last processed sample is **late**: ignored and
+  counted (only the last sample is remembered across batches, so an exact repeat of an
+  older row is counted as late). So the final state does not depend on how a time-ordered
+  recording is cut into batches, nor on how the rows of one batch are ordered;
+* an interval longer than :attr:`SocOptions.max_gap_s` is a **gap**: it is propagated with the
+  last current and with extra variance for the unknown current;
+* a NaN or implausible voltage skips the measurement update (counted as skipped), and so
+  does a NaN current (the voltage cannot be corrected for its drop); for the propagation a
+  NaN current or temperature is replaced by the pack's last finite value;
+* rows of packs not in :class:`PackInfo` are ignored and counted;
+* the BMS's own ``soc_bms`` is never read.
+
+The batch is reshaped to ``(k, pack)`` arrays, the *k*-th new sample of every pack side by
+side, and the filter runs over ``k`` with numpy over packs: there is no Python loop per pack
+or per row. Several chemistries share one filter through tables sampled on one SoC grid
+and gathered by chemistry row.
+
+References:
+    Plett, G. L. (2004). Extended Kalman filtering for battery management systems of
+    LiPB-based HEV battery packs. Part 1: Background. J. Power Sources 134, 252-261.
+    Part 2: Modeling and identification. J. Power Sources 134, 262-276 (the one-state
+    hysteresis model). Part 3: State and parameter estimation. J. Power Sources 134,
+    277-292 (the EKF and its tuning).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Final, Self
+
+import numpy as np
+import polars as pl
+from numpy.typing import NDArray
+
+from twin.chemistry import GAS_CONSTANT_J_PER_MOL_K, REFERENCE_TEMP_C, CellChemistry, get_chemistry
+from twin.estimators.base import Estimator, EstimatorError, check_columns, check_names, register
+
+__all__ = [
+    "GRID_POINTS",
+    "PackInfo",
+    "SocEstimate",
+    "SocEstimator",
+    "SocFlag",
+    "SocOptions",
+    "SocParams",
+    "SocSamples",
+    "SocState",
+    "initial_state",
+    "samples_from_frame",
+    "step",
+]
+
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
+B = NDArray[np.bool_]
+IP = NDArray[np.intp]
+
+GRID_POINTS: Final = 1001
+"""Points of the common SoC grid the chemistries are tabulated on (0.1 % SoC steps)."""
+
+_KELVIN: Final = 273.15
+_T_REF_K: Final = REFERENCE_TEMP_C + _KELVIN
+_S_PER_H: Final = 3600.0
+_NO_TS: Final = -1
+_N_STATES: Final = 4
+_SOC_LIMITS: Final = (-0.2, 1.2)  # the state may overshoot [0, 1] a little; outputs are clipped
+_CELL_OFFSET_LIMIT: Final = 0.5
+_SQRT3: Final = float(np.sqrt(3.0))
+_W0: Final = 2.0 / 3.0  # Gauss-Hermite weights of the nodes 0 and +-sqrt(3) sigma
+_W1: Final = 1.0 / 6.0
+_SL_MIN_HALF_WIDTH: Final = 0.005  # below this the secant is the local slope, smoothed over 1 % SoC
+_TINY: Final = 1e-12
+_SPARSE_SLACK: Final = 4096  # grid cells a batch may waste before its packs are split by sample count
+# Columns of the stacked tables (value and step to the next grid point, for interpolation).
+_OCV, _DOCV, _HYST, _DHYST, _RSOC = 0, 2, 4, 6, 8
+_N_COLS: Final = 10
+#: Columns :meth:`SocEstimator.update` needs; ``cell_v_min_v``/``cell_v_max_v`` are optional.
+REQUIRED_COLUMNS: Final = ("pack", "ts_ms", "voltage_v", "current_a", "temp_avg_c")
+OPTIONAL_COLUMNS: Final = ("cell_v_min_v", "cell_v_max_v")
+
+
+class SocFlag(enum.IntFlag):
+    """Quality flags of a pack's SoC estimate (a bitmask in :attr:`SocEstimate.flags`)."""
+
+    NONE = 0
+    STALE = 1
+    """No sample for longer than :attr:`SocOptions.stale_after_s` (event time)."""
+    OUT_OF_VALIDITY = 2
+    """The last sample's temperature, C-rate or the SoC lies outside the chemistry's validity range."""
+    UNCERTAIN = 4
+    """``soc_std`` exceeds :attr:`SocOptions.uncertain_soc_std`."""
+    LFP_PLATEAU = 8
+    """The OCV is flat at this SoC (slope below :attr:`SocOptions.plateau_slope_v`): SoC is coulomb-counted."""
+    NO_DATA = 16
+    """No sample has been processed yet: the estimate is the prior."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+
+def _frozen(values: Any, dtype: type[np.generic]) -> Any:
+    arr = np.array(values, dtype=dtype, copy=True)
+    arr.flags.writeable = False
+    return arr
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PackInfo:
+    """What the filter knows about each pack before any telemetry: per-pack arrays from the meta.
+
+    Attributes:
+        pack_ids: pack identifiers, unique.
+        chemistry: chemistry name per pack (a :mod:`twin.chemistry` name).
+        rated_group_ah: rated capacity of one cell group (cell Ah x parallel), Ah; the
+            resistances scale with it.
+        series: series cell groups per pack.
+        capacity_ah: capacity prior of one cell group (rated x SoH prior, or a measured
+            value), Ah; the coulomb counter divides by it.
+        soc0: initial SoC prior, fraction.
+        soc0_std: standard deviation of the initial SoC prior, fraction.
+        series_r_ohm: extra series resistance of the whole pack that the chemistry does not
+            know (cabling, sense leads), Ω; 0 by default.
+    """
+
+    pack_ids: tuple[str, ...]
+    chemistry: tuple[str, ...]
+    rated_group_ah: F64
+    series: I64
+    capacity_ah: F64
+    soc0: F64
+    soc0_std: F64
+    series_r_ohm: F64
+
+    def __post_init__(self) -> None:
+        """Freeze the arrays and check shapes and ranges.
+
+        Raises:
+            EstimatorError: on a shape mismatch, duplicated ids or a non-physical value.
+            ChemistryError: for an unknown chemistry name.
+        """
+        n = len(self.pack_ids)
+        if n == 0:
+            msg = "PackInfo needs at least one pack"
+            raise EstimatorError(msg)
+        if len(set(self.pack_ids)) != n:
+            msg = "PackInfo pack_ids must be unique"
+            raise EstimatorError(msg)
+        if len(self.chemistry) != n:
+            msg = f"PackInfo chemistry has {len(self.chemistry)} entries for {n} packs"
+            raise EstimatorError(msg)
+        for name in set(self.chemistry):
+            get_chemistry(name)
+        for name, dtype in (
+            ("rated_group_ah", np.float64),
+            ("series", np.int64),
+            ("capacity_ah", np.float64),
+            ("soc0", np.float64),
+            ("soc0_std", np.float64),
+            ("series_r_ohm", np.float64),
+        ):
+            arr = _frozen(np.broadcast_to(np.asarray(getattr(self, name)), (n,)), dtype)
+            object.__setattr__(self, name, arr)
+        checks = (
+            ("rated_group_ah", self.rated_group_ah > 0.0),
+            ("series", self.series >= 1),
+            ("capacity_ah", self.capacity_ah > 0.0),
+            ("soc0", (self.soc0 >= 0.0) & (self.soc0 <= 1.0)),
+            ("soc0_std", self.soc0_std > 0.0),
+            ("series_r_ohm", self.series_r_ohm >= 0.0),
+        )
+        for name, ok in checks:
+            if not bool(np.all(ok)):
+                bad = int(np.flatnonzero(~ok)[0])
+                msg = f"PackInfo {name} out of range for pack {self.pack_ids[bad]!r}: {getattr(self, name)[bad]}"
+                raise EstimatorError(msg)
+
+    @property
+    def n_packs(self) -> int:
+        """Number of packs."""
+        return len(self.pack_ids)
+
+    @classmethod
+    def from_meta(
+        cls,
+        meta: pl.DataFrame,
+        *,
+        soh_prior: Mapping[str, float] | None = None,
+        soc0: float = 0.5,
+        soc0_std: float = 0.3,
+    ) -> PackInfo:
+        """Build the pack info from pack_meta rows (the contract's columns).
+
+        The capacity prior is ``rated_capacity_ah x SoH prior``, the SoH prior being, per
+        pack, ``soh_prior[pack]`` if given, else the meta's ``intake_soh``, else 1.
+
+        Args:
+            meta: one row per pack with ``pack``, ``chemistry``, ``rated_capacity_ah``,
+                ``series_cells`` and optionally ``intake_soh``.
+            soh_prior: SoH priors by pack id (from a capacity estimate, say).
+            soc0: initial SoC prior of every pack.
+            soc0_std: its standard deviation.
+
+        Returns:
+            The pack info, in the order of the meta's rows.
+
+        Raises:
+            EstimatorError: if a column is missing or a value is out of range.
+        """
+        check_columns(meta, ("pack", "chemistry", "rated_capacity_ah", "series_cells"), estimator="PackInfo")
+        ids = tuple(str(p) for p in meta.get_column("pack").to_list())
+        rated = meta.get_column("rated_capacity_ah").cast(pl.Float64).to_numpy()
+        intake = (
+            meta.get_column("intake_soh").cast(pl.Float64).fill_null(1.0).to_numpy()
+            if "intake_soh" in meta.columns
+            else np.ones(len(ids))
+        )
+        given = soh_prior or {}
+        soh = np.array([given.get(p, float(s)) for p, s in zip(ids, intake, strict=True)], dtype=np.float64)
+        return cls(
+            pack_ids=ids,
+            chemistry=tuple(str(c) for c in meta.get_column("chemistry").to_list()),
+            rated_group_ah=rated,
+            series=meta.get_column("series_cells").cast(pl.Int64).to_numpy(),
+            capacity_ah=rated * soh,
+            soc0=np.full(len(ids), soc0),
+            soc0_std=np.full(len(ids), soc0_std),
+            series_r_ohm=np.zeros(len(ids)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SocOptions:
+    """Noise model and data-quality rules of the SoC filter (units in the names; defaults immutable).
+
+    Sensor figures are what a typical pack BMS delivers (0.1 V pack resolution, a 0.2 A noisy
+    current with a sub-ampere offset, 1-2 mV cell monitoring); model figures are engineering
+    choices documented in the module docstring.
+
+    Attributes:
+        max_gap_s: an interval longer than this is a gap (extra variance for the unknown
+            current), s.
+        stale_after_s: a pack with no sample for this long (event time) is flagged stale, s.
+        voltage_noise_v: pack voltage noise, V (pack).
+        voltage_quantum_v: pack voltage resolution, V (pack).
+        cell_voltage_noise_v: cell voltage noise, V.
+        cell_voltage_quantum_v: cell voltage resolution, V.
+        current_noise_a: current noise per sample, A.
+        current_offset_sd_a: prior standard deviation of the current sensor's offset, A.
+        current_offset_rw_a_per_sqrt_h: random walk of that offset, A per square-root hour.
+        ocv_error_v: error of the OCV table per cell, V (a bias, see ``ocv_error_corr_s``).
+        ocv_error_corr_s: correlation time of that error, s.
+        ocv_error_corr_soc: correlation length of that error in SoC.
+        resistance_error: relative error of R0 and R1 (aging, pack-to-pack spread).
+        capacity_error: relative error of the capacity prior, which makes SoC uncertainty grow
+            with throughput.
+        capacity_error_coherence: SoC swing over which the capacity error accumulates
+            coherently (variance per step ``capacity_error**2 * |dsoc| * coherence``).
+        soc_drift_per_sqrt_h: slow SoC random walk (self-discharge, unmodelled effects).
+        gap_current_sd_c: standard deviation of the unknown current during a gap, C-rate.
+        hyst_error: standard deviation of the hysteresis model error per unit relaxation.
+        hyst0_std: prior standard deviation of the hysteresis state.
+        v_rc0_std_v: prior standard deviation of the RC voltage, V.
+        connector_share: connector, busbar and contactor resistance as a share of the cells'
+            R0 (2.9-4.3 % on the Kona packs, BATTERY_NOTES 1.2).
+        cell_offset0_std: prior standard deviation of the weakest/strongest cell's SoC offset.
+        cell_offset_rw: random walk of those offsets per unit of SoC throughput (variance per
+            step ``cell_offset_rw**2 * |dsoc|``).
+        cell_resistance_spread: relative resistance spread between cells (makes cell voltages
+            under current count for less).
+        cell_ocv_error_v: OCV shape difference between cells, V.
+        uncertain_soc_std: above this ``soc_std`` the estimate is flagged uncertain.
+        plateau_slope_v: below this OCV slope (V per unit SoC) the estimate is flagged as on
+            the plateau.
+    """
+
+    max_gap_s: float = 60.0
+    stale_after_s: float = 30.0
+    voltage_noise_v: float = 0.1
+    voltage_quantum_v: float = 0.1
+    cell_voltage_noise_v: float = 0.002
+    cell_voltage_quantum_v: float = 0.001
+    current_noise_a: float = 0.2
+    current_offset_sd_a: float = 0.5
+    current_offset_rw_a_per_sqrt_h: float = 0.05
+    ocv_error_v: float = 0.003
+    ocv_error_corr_s: float = 600.0
+    ocv_error_corr_soc: float = 0.02
+    resistance_error: float = 0.3
+    capacity_error: float = 0.03
+    capacity_error_coherence: float = 0.1
+    soc_drift_per_sqrt_h: float = 0.002
+    gap_current_sd_c: float = 0.05
+    hyst_error: float = 0.2
+    hyst0_std: float = 0.5
+    v_rc0_std_v: float = 0.01
+    connector_share: float = 0.035
+    cell_offset0_std: float = 0.05
+    cell_offset_rw: float = 0.02
+    cell_resistance_spread: float = 0.2
+    cell_ocv_error_v: float = 0.001
+    uncertain_soc_std: float = 0.05
+    plateau_slope_v: float = 0.2
+
+    def __post_init__(self) -> None:
+        """Check every option is a finite number >= 0 and the time options are positive.
+
+        Raises:
+            EstimatorError: for a negative, non-finite or zero-where-positive value.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
+                msg = f"SocOptions.{f.name} must be a finite number >= 0, got {value!r}"
+                raise EstimatorError(msg)
+        for name in (
+            "max_gap_s",
+            "stale_after_s",
+            "ocv_error_corr_s",
+            "ocv_error_corr_soc",
+            "uncertain_soc_std",
+            "v_rc0_std_v",
+        ):
+            if getattr(self, name) <= 0:
+                msg = f"SocOptions.{name} must be positive"
+                raise EstimatorError(msg)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, float]) -> SocOptions:
+        """Build options from a mapping (a config section), rejecting unknown names.
+
+        Args:
+            values: option names and values; missing names keep their defaults.
+
+        Returns:
+            The validated options.
+
+        Raises:
+            EstimatorError: for an unknown name (with suggestions) or a bad value.
+
+        Examples:
+            >>> SocOptions.from_dict({"max_gap_s": 120.0}).max_gap_s
+            120.0
+            >>> SocOptions.from_dict({"max_gaps": 120.0})
+            Traceback (most recent call last):
+            ...
+            twin.estimators.base.EstimatorError: unknown SocOptions field 'max_gaps'; did you mean 'max_gap_s'?
+        """
+        check_names(values, [f.name for f in fields(cls)], what="SocOptions field")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters: the chemistry tables and per-pack constants
+# ------------------------------------------------------------------------------------------------
+
+
+def _tables(chemistries: Sequence[CellChemistry]) -> F64:
+    """Stack every chemistry's OCV, slope, hysteresis, its slope and R SoC factor on one grid.
+
+    Row ``c * GRID_POINTS + j`` holds chemistry ``c`` at SoC ``j / (GRID_POINTS - 1)``; each
+    quantity has a value column and a step column (value at ``j + 1`` minus value at ``j``),
+    so linear interpolation is ``value + step * frac`` after one row gather.
+    """
+    grid = np.linspace(0.0, 1.0, GRID_POINTS)
+    blocks = []
+    for c in chemistries:
+        hyst = np.asarray(c.hysteresis_v(grid), dtype=np.float64)
+        quantities = (
+            np.asarray(c.ocv(grid), dtype=np.float64),
+            np.asarray(c.docv_dsoc(grid), dtype=np.float64),
+            hyst,
+            np.gradient(hyst, grid),
+            np.asarray(c.soc_factor(grid), dtype=np.float64),
+        )
+        block = np.empty((GRID_POINTS, _N_COLS))
+        for q, values in enumerate(quantities):
+            block[:, 2 * q] = values
+            block[:, 2 * q + 1] = np.append(np.diff(values), 0.0)
+        blocks.append(block)
+    out: F64 = _frozen(np.concatenate(blocks), np.float64)
+    return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SocParams:
+    """Everything :func:`step` needs besides the state: per-pack constants, tables, options.
+
+    Built once from :class:`PackInfo` and :class:`SocOptions` by :meth:`build`.
+    """
+
+    packs: PackInfo
+    options: SocOptions
+    chemistries: tuple[CellChemistry, ...]
+    table: F64  # (n_chem * GRID_POINTS, _N_COLS)
+    row: IP  # (P,) first table row of the pack's chemistry
+    inv_q_as: F64  # (P,) 1 / capacity prior in A·s
+    eta: F64
+    tau_s: F64
+    gamma: F64
+    r0_ref_ohm: F64  # (P,) per cell at 25 °C, 50 % SoC, incl. connector share
+    r1_ref_ohm: F64
+    r_series_cell_ohm: F64
+    ea_over_r: F64
+    inv_series: F64
+    v_low_v: F64  # plausible mean cell voltage window
+    v_high_v: F64
+    r_voltage_white: F64  # white part of the mean-cell-voltage variance, V²
+    r_cell_white: F64  # white part of the cell-minus-mean variance, V²
+    temp_lo_c: F64
+    temp_hi_c: F64
+    c_rate_max: F64
+    soc_lo: F64
+    soc_hi: F64
+    rated_group_ah: F64
+    pack_enum: pl.Enum
+
+    @classmethod
+    def build(cls, packs: PackInfo, options: SocOptions) -> SocParams:
+        """Derive the per-pack constants.
+
+        Args:
+            packs: the packs.
+            options: the filter options.
+
+        Returns:
+            The parameters.
+        """
+        names = tuple(sorted(set(packs.chemistry)))
+        chems = tuple(get_chemistry(n) for n in names)
+        index = np.array([names.index(c) for c in packs.chemistry], dtype=np.intp)
+
+        def per_pack(getter: Any) -> F64:
+            out: F64 = np.array([getter(c) for c in chems], dtype=np.float64)[index]
+            return out
+
+        rated = packs.rated_group_ah
+        series = packs.series.astype(np.float64)
+        o = options
+        r_voltage_white = (o.voltage_noise_v**2 + o.voltage_quantum_v**2 / 12.0) / series**2
+        # cell_v - voltage_v / series: both readings' noise (a one-cell pack reads itself twice).
+        cell_white = o.cell_voltage_noise_v**2 + o.cell_voltage_quantum_v**2 / 12.0
+        r_cell_white = cell_white + np.where(packs.series > 1, r_voltage_white, 0.0)
+        v_min = per_pack(lambda c: c.v_min_v)
+        v_max = per_pack(lambda c: c.v_max_v)
+        arrays: dict[str, Any] = {
+            "row": (index * GRID_POINTS).astype(np.intp),
+            "inv_q_as": 1.0 / (packs.capacity_ah * _S_PER_H),
+            "eta": per_pack(lambda c: c.coulombic_efficiency),
+            "tau_s": per_pack(lambda c: c.tau1_s),
+            "gamma": per_pack(lambda c: c.hyst_rate_per_as),
+            "r0_ref_ohm": per_pack(lambda c: c.r0_ohm_ah) / rated * (1.0 + o.connector_share),
+            "r1_ref_ohm": per_pack(lambda c: c.r1_ohm_ah) / rated,
+            "r_series_cell_ohm": packs.series_r_ohm / series,
+            "ea_over_r": per_pack(lambda c: c.activation_energy_j_per_mol) / GAS_CONSTANT_J_PER_MOL_K,
+            "inv_series": 1.0 / series,
+            "v_low_v": v_min - 0.5,
+            "v_high_v": v_max + 0.5,
+            "r_voltage_white": r_voltage_white,
+            "r_cell_white": r_cell_white,
+            "temp_lo_c": per_pack(lambda c: c.validity.temp_c[0]),
+            "temp_hi_c": per_pack(lambda c: c.validity.temp_c[1]),
+            "c_rate_max": per_pack(lambda c: c.validity.c_rate_max),
+            "soc_lo": per_pack(lambda c: c.validity.soc[0]),
+            "soc_hi": per_pack(lambda c: c.validity.soc[1]),
+            "rated_group_ah": rated,
+        }
+        frozen = {k: _frozen(v, np.intp if k == "row" else np.float64) for k, v in arrays.items()}
+        return cls(
+            packs=packs,
+            options=options,
+            chemistries=chems,
+            table=_tables(chems),
+            pack_enum=pl.Enum(list(packs.pack_ids)),
+            **frozen,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# State
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SocState:
+    """The filter's state for every pack: immutable (read-only arrays), safe to keep as a snapshot.
+
+    Attributes:
+        pack_ids: the packs the rows belong to (checked on restore).
+        x: ``(P, 4)`` state mean ``[soc, v_rc_v, hyst, current_offset_a]``.
+        cov: ``(P, 4, 4)`` state covariance.
+        cell_offset: ``(P, 2)`` SoC of the weakest and of the strongest cell group minus ``soc``.
+        cell_offset_var: ``(P, 2)`` their variances (at or above the prior's: no cell data yet).
+        last_ts_ms: ``(P,)`` event time of the last processed sample, -1 before the first.
+        last_current_a: ``(P,)`` last finite measured current, A (held over the next interval).
+        last_temp_c: ``(P,)`` last finite temperature, °C.
+        n_samples: ``(P,)`` samples processed.
+        n_duplicate: ``(P,)`` rows ignored because their ``(pack, ts_ms)`` was already seen.
+        n_late: ``(P,)`` rows ignored because they were older than the last processed sample.
+        n_gap: ``(P,)`` intervals longer than ``max_gap_s``.
+        n_skipped: ``(P,)`` samples whose voltage was NaN or implausible (no measurement update).
+        n_ignored: rows ignored: unknown packs or no timestamp.
+        watermark_ms: newest event time processed, -1 before the first.
+    """
+
+    pack_ids: tuple[str, ...]
+    x: F64
+    cov: F64
+    cell_offset: F64
+    cell_offset_var: F64
+    last_ts_ms: I64
+    last_current_a: F64
+    last_temp_c: F64
+    n_samples: I64
+    n_duplicate: I64
+    n_late: I64
+    n_gap: I64
+    n_skipped: I64
+    n_ignored: int
+    watermark_ms: int
+
+    _ARRAYS: ClassVar[tuple[tuple[str, tuple[int, ...], type[np.generic]], ...]] = (
+        ("x", (_N_STATES,), np.float64),
+        ("cov", (_N_STATES, _N_STATES), np.float64),
+        ("cell_offset", (2,), np.float64),
+        ("cell_offset_var", (2,), np.float64),
+        ("last_ts_ms", (), np.int64),
+        ("last_current_a", (), np.float64),
+        ("last_temp_c", (), np.float64),
+        ("n_samples", (), np.int64),
+        ("n_duplicate", (), np.int64),
+        ("n_late", (), np.int64),
+        ("n_gap", (), np.int64),
+        ("n_skipped", (), np.int64),
+    )
+
+    def __post_init__(self) -> None:
+        """Freeze every array (copies are made only for arrays that are still writeable)."""
+        for name, _, dtype in self._ARRAYS:
+            arr = getattr(self, name)
+            if not (isinstance(arr, np.ndarray) and arr.dtype == dtype and not arr.flags.writeable):
+                object.__setattr__(self, name, _frozen(arr, dtype))
+
+    @property
+    def n_packs(self) -> int:
+        """Number of packs."""
+        return int(self.x.shape[0])
+
+    def check_fits(self, pack_ids: tuple[str, ...]) -> None:
+        """Raise unless this state belongs to ``pack_ids`` and every array has the documented shape.
+
+        Raises:
+            EstimatorError: for other packs or the first array of the wrong shape.
+        """
+        if self.pack_ids != pack_ids:
+            msg = f"the state is for {len(self.pack_ids)} other packs, not these {len(pack_ids)}"
+            raise EstimatorError(msg)
+        n_packs = len(pack_ids)
+        for name, tail, _ in self._ARRAYS:
+            shape = getattr(self, name).shape
+            if shape != (n_packs, *tail):
+                msg = f"SocState.{name} has shape {shape}, expected {(n_packs, *tail)}"
+                raise EstimatorError(msg)
+
+
+def initial_state(params: SocParams) -> SocState:
+    """Return the prior: every pack at its SoC prior, no RC voltage, no hysteresis, no offset.
+
+    Args:
+        params: the filter parameters.
+
+    Returns:
+        The state before any sample.
+    """
+    p = params.packs
+    o = params.options
+    n = p.n_packs
+    x = np.zeros((n, _N_STATES))
+    x[:, 0] = p.soc0
+    cov = np.zeros((n, _N_STATES, _N_STATES))
+    cov[:, 0, 0] = p.soc0_std**2
+    cov[:, 1, 1] = o.v_rc0_std_v**2
+    cov[:, 2, 2] = o.hyst0_std**2
+    cov[:, 3, 3] = o.current_offset_sd_a**2
+    zeros = np.zeros(n, dtype=np.int64)
+    return SocState(
+        pack_ids=p.pack_ids,
+        x=x,
+        cov=cov,
+        cell_offset=np.zeros((n, 2)),
+        cell_offset_var=np.full((n, 2), o.cell_offset0_std**2),
+        last_ts_ms=np.full(n, _NO_TS, dtype=np.int64),
+        last_current_a=np.zeros(n),
+        last_temp_c=np.full(n, REFERENCE_TEMP_C),
+        n_samples=zeros,
+        n_duplicate=zeros,
+        n_late=zeros,
+        n_gap=zeros,
+        n_skipped=zeros,
+        n_ignored=0,
+        watermark_ms=_NO_TS,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch -> (k, pack) arrays
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SocSamples:
+    """A batch reshaped for the filter: the *k*-th new sample of every active pack in row ``k``.
+
+    Attributes:
+        packs: ``(A,)`` indices of the packs with at least one new sample.
+        mask: ``(K, A)`` True where pack ``packs[a]`` has a *k*-th new sample.
+        ts_ms: ``(K, A)`` event times (undefined where ``mask`` is False).
+        voltage_v: ``(K, A)`` pack voltage, V (NaN where missing).
+        current_a: ``(K, A)`` measured current, A, positive on discharge.
+        temp_c: ``(K, A)`` temperature (``temp_avg_c``), °C.
+        cell_v_min_v: ``(K, A)`` lowest cell voltage, V.
+        cell_v_max_v: ``(K, A)`` highest cell voltage, V.
+        n_duplicate: ``(P,)`` duplicated rows found per pack.
+        n_late: ``(P,)`` late rows found per pack.
+        n_ignored: rows of unknown packs or without a timestamp.
+    """
+
+    packs: IP
+    mask: B
+    ts_ms: I64
+    voltage_v: F64
+    current_a: F64
+    temp_c: F64
+    cell_v_min_v: F64
+    cell_v_max_v: F64
+    n_duplicate: I64
+    n_late: I64
+    n_ignored: int
+
+
+def samples_from_frame(batch: pl.DataFrame, params: SocParams, last_ts_ms: I64) -> tuple[SocSamples, ...]:
+    """Reshape a telemetry batch into :class:`SocSamples`, dropping duplicates and late rows.
+
+    Usually one grid. When the packs' sample counts differ so much that one ``(k, pack)``
+    grid would be mostly empty (one pack's day of samples beside others' single rows), the
+    packs are split into groups whose counts are within a factor of two, one grid each;
+    packs are independent, so :func:`step` can take the groups in any order.
+
+    Args:
+        batch: rows with the contract's PackTelemetry columns (at least ``REQUIRED_COLUMNS``).
+        params: the filter parameters (for the pack index).
+        last_ts_ms: ``(P,)`` event time of each pack's last processed sample (-1: none).
+
+    Returns:
+        The samples, in event-time order per pack; the first carries the batch's counters.
+
+    Raises:
+        EstimatorError: if a required column is missing.
+    """
+    check_columns(batch, REQUIRED_COLUMNS, estimator="SocEstimator")
+    n_packs = params.packs.n_packs
+    nan = pl.lit(np.nan, dtype=pl.Float64)
+    optional = [
+        pl.col(c).cast(pl.Float64).fill_null(np.nan) if c in batch.columns else nan.alias(c) for c in OPTIONAL_COLUMNS
+    ]
+    frame = batch.select(
+        pl.col("pack").cast(pl.String).cast(params.pack_enum, strict=False).to_physical().cast(pl.Int64).fill_null(-1),
+        pl.col("ts_ms").cast(pl.Int64).fill_null(_NO_TS),
+        *(pl.col(c).cast(pl.Float64).fill_null(np.nan) for c in REQUIRED_COLUMNS[2:]),
+        *optional,
+    )
+    pidx = frame.get_column("pack").to_numpy()
+    ts = frame.get_column("ts_ms").to_numpy()
+    known = (pidx >= 0) & (ts >= 0)
+    n_ignored = int(np.count_nonzero(~known))
+    order = np.lexsort((ts, pidx))
+    order = order[known[order]]
+    pidx, ts = pidx[order], ts[order]
+    # Duplicates within the batch: the first row of each (pack, ts) in the batch's order wins.
+    repeat = np.zeros(pidx.size, dtype=bool)
+    repeat[1:] = (pidx[1:] == pidx[:-1]) & (ts[1:] == ts[:-1])
+    last = last_ts_ms[pidx]
+    seen = ts == last
+    late = ts < last
+    n_duplicate = np.bincount(pidx[repeat | seen], minlength=n_packs).astype(np.int64)
+    n_late = np.bincount(pidx[late & ~repeat], minlength=n_packs).astype(np.int64)
+    keep = ~(repeat | seen | late)
+    order, pidx = order[keep], pidx[keep]
+    counts = np.bincount(pidx, minlength=n_packs)
+    active = np.flatnonzero(counts).astype(np.intp)
+    k_max = int(counts.max()) if pidx.size else 0
+    groups = [active]
+    if k_max * active.size > 2 * pidx.size + _SPARSE_SLACK:
+        octave = np.floor(np.log2(counts[active])).astype(np.int64)
+        groups = [active[octave == o] for o in np.unique(octave)[::-1]]
+    out = []
+    for g, packs in enumerate(groups):
+        member = np.zeros(n_packs, dtype=bool)
+        member[packs] = True
+        rows = member[pidx] if len(groups) > 1 else slice(None)
+        grids = _grids(frame, order[rows], pidx[rows], packs, counts)
+        zeros = np.zeros(n_packs, dtype=np.int64)
+        out.append(
+            SocSamples(
+                packs=packs,
+                **grids,
+                n_duplicate=n_duplicate if g == 0 else zeros,
+                n_late=n_late if g == 0 else zeros,
+                n_ignored=n_ignored if g == 0 else 0,
+            )
+        )
+    return tuple(out)
+
+
+def _grids(frame: pl.DataFrame, order: IP, pidx: I64, packs: IP, counts: I64) -> dict[str, Any]:
+    """Lay the rows ``order`` (sorted by pack, then time) of ``packs`` out as ``(k, pack)`` grids."""
+    n_packs = counts.size
+    local = np.zeros(n_packs, dtype=np.intp)
+    local[packs] = np.arange(packs.size)
+    first = np.zeros(n_packs, dtype=np.intp)  # position of each pack's first row within ``order``
+    first[packs] = np.concatenate([[0], np.cumsum(counts[packs])[:-1]]) if packs.size else []
+    rank = np.arange(pidx.size) - first[pidx]
+    k_max = int(counts[packs].max()) if packs.size else 0
+    shape = (k_max, packs.size)
+    # The source row of every (k, pack) cell, -1 where a pack has fewer samples. Frames that
+    # arrive in (ts, pack) order map onto the grid unchanged, and the gathers are sequential.
+    src = np.full(k_max * packs.size, -1, dtype=np.intp)
+    src[rank * packs.size + local[pidx]] = order
+    filled = src >= 0
+    complete = bool(filled.all())
+    if not complete:
+        src[~filled] = 0
+    mask = filled.reshape(shape)
+    identity = complete and src.size == frame.height and bool(np.all(src[1:] > src[:-1]))
+
+    def grid(name: str) -> Any:
+        values = frame.get_column(name).to_numpy()
+        if identity:
+            return values.reshape(shape)
+        out = values[src].reshape(shape)
+        if not complete and out.dtype.kind == "f":
+            out[~mask] = np.nan
+        return out
+
+    return {
+        "mask": mask,
+        "ts_ms": grid("ts_ms"),
+        "voltage_v": grid("voltage_v"),
+        "current_a": grid("current_a"),
+        "temp_c": grid("temp_avg_c"),
+        "cell_v_min_v": grid("cell_v_min_v"),
+        "cell_v_max_v": grid("cell_v_max_v"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The filter
+# ------------------------------------------------------------------------------------------------
+
+
+def _lookup(table: F64, row: IP, soc: F64) -> tuple[F64, F64]:
+    """Gather the table rows around ``soc`` (clipped to [0, 1]); return them and the fraction."""
+    s = np.clip(soc, 0.0, 1.0)
+    s *= GRID_POINTS - 1
+    k = s.astype(np.intp)
+    np.minimum(k, GRID_POINTS - 2, out=k)
+    frac: F64 = s - k
+    k += row
+    rows: F64 = table[k]
+    return rows, frac
+
+
+def _col(rows: F64, frac: F64, c: int) -> F64:
+    out: F64 = rows[:, c] + rows[:, c + 1] * frac
+    return out
+
+
+def _interp(table2: F64, row: IP, soc: F64) -> F64:
+    """Interpolate a two-column (value, step) table at ``soc``."""
+    rows, frac = _lookup(table2, row, soc)
+    out: F64 = rows[:, 0] + rows[:, 1] * frac
+    return out
+
+
+def _arrhenius(ea_over_r: F64, temp_c: F64) -> F64:
+    out: F64 = np.exp(ea_over_r * (1.0 / (temp_c + _KELVIN) - 1.0 / _T_REF_K))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _PackConst:
+    """Per-pack constants gathered for the active packs of one call to :func:`step`."""
+
+    row: IP
+    inv_q_as: F64
+    eta: F64
+    tau_s: F64
+    gamma: F64
+    r0_ref_ohm: F64
+    r1_ref_ohm: F64
+    r_series_cell_ohm: F64
+    ea_over_r: F64
+    inv_series: F64
+    v_low_v: F64
+    v_high_v: F64
+    r_voltage_white: F64
+    r_cell_white: F64
+
+    @classmethod
+    def gather(cls, params: SocParams, active: IP) -> _PackConst:
+        """Take the active packs' rows (all of them without a copy when every pack is active)."""
+        everyone = active.size == params.packs.n_packs
+        values = {f.name: getattr(params, f.name) for f in fields(cls)}
+        return cls(**(values if everyone else {k: v[active] for k, v in values.items()}))
+
+
+@dataclass(frozen=True, slots=True)
+class _Noise:
+    """The options turned into the variances the filter adds (per second, per unit, ...)."""
+
+    soc_rw2_per_s: float
+    offset_rw2_per_s: float
+    capacity2: float
+    gap2_per_s2: float
+    current2: float
+    resistance2: float
+    spread2: float
+    ocv2: float
+    cell_ocv2: float
+    cell_rw2: float
+    hyst_error: float
+
+    @classmethod
+    def from_options(cls, o: SocOptions) -> _Noise:
+        """Derive the variances from the options."""
+        return cls(
+            soc_rw2_per_s=o.soc_drift_per_sqrt_h**2 / _S_PER_H,
+            offset_rw2_per_s=o.current_offset_rw_a_per_sqrt_h**2 / _S_PER_H,
+            capacity2=o.capacity_error**2 * o.capacity_error_coherence,
+            gap2_per_s2=(o.gap_current_sd_c / _S_PER_H) ** 2,
+            current2=o.current_noise_a**2,
+            resistance2=o.resistance_error**2,
+            spread2=o.cell_resistance_spread**2,
+            ocv2=o.ocv_error_v**2,
+            cell_ocv2=o.cell_ocv_error_v**2,
+            cell_rw2=o.cell_offset_rw**2,
+            hyst_error=o.hyst_error,
+        )
+
+
+class _Bank:
+    """The active packs' filter while :func:`step` runs: mutable working arrays, local to one call."""
+
+    def __init__(self, state: SocState, active: IP, params: SocParams) -> None:
+        self.c = _PackConst.gather(params, active)
+        self.o = params.options
+        self.noise = _Noise.from_options(params.options)
+        self.table = params.table
+        self.ocv_table = np.ascontiguousarray(params.table[:, _OCV : _OCV + 2])
+        self.rsoc_table = np.ascontiguousarray(params.table[:, _RSOC : _RSOC + 2])
+        x = state.x[active]
+        self.soc, self.vrc, self.hy, self.off = (np.ascontiguousarray(x[:, j]) for j in range(_N_STATES))
+        self.cov: F64 = state.cov[active]
+        self.d_min: F64 = state.cell_offset[active, 0]
+        self.d_max: F64 = state.cell_offset[active, 1]
+        self.var_min: F64 = state.cell_offset_var[active, 0]
+        self.var_max: F64 = state.cell_offset_var[active, 1]
+        self.last_ts: I64 = state.last_ts_ms[active]
+        self.last_i: F64 = state.last_current_a[active]
+        self.last_t: F64 = state.last_temp_c[active]
+        n = active.size
+        self.n = n
+        self.n_gap = np.zeros(n, dtype=np.int64)
+        self.n_skip = np.zeros(n, dtype=np.int64)
+        self.n_done = np.zeros(n, dtype=np.int64)
+        # F = diag(d) + c e_3^T (only the offset column is off-diagonal), Q = diag(q), H row.
+        self.dvec = np.ones((n, _N_STATES))
+        self.cvec = np.zeros((n, _N_STATES))
+        self.qvec = np.zeros((n, _N_STATES))
+        self.hrow = np.empty((n, _N_STATES))
+        self.hrow[:, 1] = -1.0
+
+    def predict(self, dt: F64, gap: B) -> tuple[F64, F64]:
+        """Propagate over ``dt`` with the held current; return ``|dsoc|`` and R1 (Ω)."""
+        c, nz = self.c, self.noise
+        i_true = self.last_i - self.off
+        eff = np.where(i_true < 0.0, c.eta, 1.0)
+        dt_q = dt * c.inv_q_as
+        dsoc = -eff * i_true * dt_q
+        rsoc = _interp(self.rsoc_table, c.row, self.soc)
+        r1 = c.r1_ref_ohm * rsoc * _arrhenius(c.ea_over_r, self.last_t)
+        a = np.exp(-dt / c.tau_s)
+        one_a = -np.expm1(-dt / c.tau_s)
+        f = np.exp(-c.gamma * np.abs(i_true) * dt_q)
+        sgn = np.sign(i_true)
+        self.soc = self.soc + dsoc
+        self.vrc = a * self.vrc + one_a * r1 * i_true
+        self.cvec[:, 0] = eff * dt_q
+        self.cvec[:, 1] = -one_a * r1
+        self.cvec[:, 2] = f * c.gamma * dt_q * sgn * (self.hy + sgn)
+        self.hy = f * self.hy - (1.0 - f) * sgn
+        self.dvec[:, 1] = a
+        self.dvec[:, 2] = f
+        abs_dsoc = np.abs(dsoc)
+        gap_var = np.where(gap, nz.gap2_per_s2 * dt * dt, 0.0)
+        self.qvec[:, 0] = nz.current2 * (eff * dt_q) ** 2 + nz.capacity2 * abs_dsoc + nz.soc_rw2_per_s * dt + gap_var
+        self.qvec[:, 1] = (one_a * r1) ** 2 * (nz.current2 + nz.resistance2 * i_true * i_true)
+        self.qvec[:, 2] = (nz.hyst_error * (1.0 - f)) ** 2
+        self.qvec[:, 3] = nz.offset_rw2_per_s * dt
+        cov, dvec, cvec = self.cov, self.dvec, self.cvec
+        g = dvec[:, :, None] * cov + cvec[:, :, None] * cov[:, 3:4, :]
+        cov = g * dvec[:, None, :] + g[:, :, 3:4] * cvec[:, None, :]
+        cov.reshape(self.n, _N_STATES * _N_STATES)[:, :: _N_STATES + 1] += self.qvec
+        self.cov = cov
+        d_q = nz.cell_rw2 * abs_dsoc
+        self.var_min = self.var_min + d_q
+        self.var_max = self.var_max + d_q
+        return abs_dsoc, r1
+
+    def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64, r1: F64) -> None:
+        """Measurement update with the *k*-th samples (packs without one are left alone)."""
+        c, nz, o = self.c, self.noise, self.o
+        m = samples.mask[k]
+        i_k, t_k = samples.current_a[k], samples.temp_c[k]
+        i_ok = m & np.isfinite(i_k)
+        t_now = np.where(m & np.isfinite(t_k), t_k, self.last_t)
+        i_now = np.where(i_ok, i_k, self.last_i)
+        soc, hy, cov = self.soc, self.hy, self.cov
+        rows, frac = _lookup(self.table, c.row, soc)
+        ocv = _col(rows, frac, _OCV)
+        amp = _col(rows, frac, _HYST)
+        ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[:, 0, 0])
+        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * _arrhenius(c.ea_over_r, t_now) + c.r_series_cell_ohm
+        i_true = i_now - self.off
+        y = samples.voltage_v[k] * c.inv_series
+        innov = y - (ocv_mean + amp * hy - r0 * i_true - self.vrc)
+        hrow = self.hrow
+        hrow[:, 0] = slope + _col(rows, frac, _DHYST) * hy
+        hrow[:, 2] = amp
+        hrow[:, 3] = r0
+        # Model errors (OCV table, resistances) are biases: they decorrelate after
+        # ocv_error_corr_soc of SoC travel or ocv_error_corr_s of time, whichever comes first,
+        # so the samples in between count as one.
+        corr = np.minimum(
+            o.ocv_error_corr_s / np.where(dt > 0.0, dt, o.ocv_error_corr_s),
+            o.ocv_error_corr_soc / np.maximum(abs_dsoc, _TINY),
+        )
+        np.maximum(corr, 1.0, out=corr)
+        r_meas = c.r_voltage_white + (nz.ocv2 + nz.resistance2 * (r0 * i_true) ** 2) * corr + r_lin
+        valid = i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
+        ph = np.einsum("nij,nj->ni", cov, hrow)
+        s = np.einsum("ni,ni->n", hrow, ph) + r_meas
+        gain = np.where(valid, 1.0 / s, 0.0)
+        innov = np.where(valid, innov, 0.0)
+        kal = ph * gain[:, None]
+        self.soc = np.clip(soc + kal[:, 0] * innov, *_SOC_LIMITS)
+        self.vrc = self.vrc + kal[:, 1] * innov
+        self.hy = np.clip(hy + kal[:, 2] * innov, -1.0, 1.0)
+        self.off = self.off + kal[:, 3] * innov
+        cov = cov - kal[:, :, None] * ph[:, None, :]
+        # Keep the covariance exactly symmetric (rounding would otherwise skew it over millions of steps).
+        cov += cov.transpose(0, 2, 1)
+        cov *= 0.5
+        self.cov = cov
+
+        r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * ((r0 + r1) * i_true) ** 2) * corr
+        base = _CellBase(soc=self.soc, hy=self.hy, ocv=ocv, amp=amp, y=y, r_cell=r_cell, valid=valid)
+        self._correct_cells(k, samples, base)
+        self.last_ts = np.where(m, samples.ts_ms[k], self.last_ts)
+        self.last_i = i_now
+        self.last_t = t_now
+        self.n_skip += m & ~valid
+        self.n_done += m
+
+    def _ocv_statistics(self, ocv: F64, soc: F64, var_soc: F64) -> tuple[F64, F64, F64]:
+        """Return the OCV's mean, slope and linearisation variance over the SoC prior.
+
+        Statistical linearisation with the 3-point Gauss-Hermite rule: with a wide prior on
+        a curved OCV (LFP's flat plateau and steep ends) the tangent would make the first
+        updates jump into the wrong region and collapse the covariance there.
+        """
+        var = np.maximum(var_soc, 0.0)
+        half = np.maximum(_SQRT3 * np.sqrt(var), _SL_MIN_HALF_WIDTH)
+        ocv_lo = _interp(self.ocv_table, self.c.row, soc - half)
+        ocv_hi = _interp(self.ocv_table, self.c.row, soc + half)
+        mean = _W0 * ocv + _W1 * (ocv_lo + ocv_hi)
+        slope = (ocv_hi - ocv_lo) / (2.0 * half)
+        spread = _W0 * (ocv - mean) ** 2 + _W1 * ((ocv_lo - mean) ** 2 + (ocv_hi - mean) ** 2)
+        r_lin: F64 = np.maximum(spread - slope * slope * var, 0.0)
+        return mean, slope, r_lin
+
+    def _correct_cells(self, k: int, samples: SocSamples, base: _CellBase) -> None:
+        """Update the weakest and strongest cell's SoC offsets from ``cell_v - mean cell voltage``.
+
+        The difference cancels the shared current, RC and offset terms.
+        """
+        self.d_min, self.var_min = _cell_update(self, base, samples.cell_v_min_v[k], self.d_min, self.var_min)
+        self.d_max, self.var_max = _cell_update(self, base, samples.cell_v_max_v[k], self.d_max, self.var_max)
+        np.clip(self.d_min, -_CELL_OFFSET_LIMIT, 0.0, out=self.d_min)
+        np.clip(self.d_max, 0.0, _CELL_OFFSET_LIMIT, out=self.d_max)
+
+
+@dataclass(frozen=True, slots=True)
+class _CellBase:
+    """What the cell-offset updates of one sample share with the main update."""
+
+    soc: F64
+    hy: F64
+    ocv: F64
+    amp: F64
+    y: F64
+    r_cell: F64
+    valid: B
+
+
+def _cell_update(bank: _Bank, base: _CellBase, cell_v: F64, d: F64, var: F64) -> tuple[F64, F64]:
+    """One scalar Kalman update of a cell's SoC offset ``d`` from ``cell_v - y``."""
+    rows, frac = _lookup(bank.table, bank.c.row, base.soc + d)
+    pred = _col(rows, frac, _OCV) - base.ocv + (_col(rows, frac, _HYST) - base.amp) * base.hy
+    slope = _col(rows, frac, _DOCV) + _col(rows, frac, _DHYST) * base.hy
+    z = cell_v - base.y
+    ok = base.valid & np.isfinite(z)
+    s = slope * slope * var + base.r_cell
+    gain = np.where(ok, var * slope / s, 0.0)
+    innov = np.where(ok, z - pred, 0.0)
+    d_new: F64 = d + gain * innov
+    var_new: F64 = var - gain * slope * var
+    return d_new, var_new
+
+
+def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
+    """Run the filter over a reshaped batch and return the new state (pure: the inputs are not modified).
+
+    Args:
+        state: the state before the batch.
+        samples: the batch, from :func:`samples_from_frame` on this state.
+        params: the filter parameters.
+
+    Returns:
+        The state after the batch.
+    """
+    act = samples.packs
+    if act.size == 0:
+        return _with_counters(state, samples)
+    bank = _Bank(state, act, params)
+    max_gap_s = params.options.max_gap_s
+    for k in range(samples.mask.shape[0]):
+        m = samples.mask[k]
+        started = bank.last_ts != _NO_TS
+        dt = np.where(m & started, (samples.ts_ms[k] - bank.last_ts) * 1e-3, 0.0)
+        gap = dt > max_gap_s
+        bank.n_gap += gap
+        abs_dsoc, r1 = bank.predict(dt, gap)
+        bank.correct(k, samples, dt, abs_dsoc, r1)
+    return _merge(state, samples, bank)
+
+
+def _merge(state: SocState, samples: SocSamples, bank: _Bank) -> SocState:
+    """Write the active packs' filter back into a new state."""
+    act = samples.packs
+
+    def put(old: Any, new: Any) -> Any:
+        out = old.copy()
+        out[act] = new
+        return out
+
+    return SocState(
+        pack_ids=state.pack_ids,
+        x=put(state.x, np.column_stack([bank.soc, bank.vrc, bank.hy, bank.off])),
+        cov=put(state.cov, bank.cov),
+        cell_offset=put(state.cell_offset, np.column_stack([bank.d_min, bank.d_max])),
+        cell_offset_var=put(state.cell_offset_var, np.column_stack([bank.var_min, bank.var_max])),
+        last_ts_ms=put(state.last_ts_ms, bank.last_ts),
+        last_current_a=put(state.last_current_a, bank.last_i),
+        last_temp_c=put(state.last_temp_c, bank.last_t),
+        n_samples=put(state.n_samples, state.n_samples[act] + bank.n_done),
+        n_duplicate=state.n_duplicate + samples.n_duplicate,
+        n_late=state.n_late + samples.n_late,
+        n_gap=put(state.n_gap, state.n_gap[act] + bank.n_gap),
+        n_skipped=put(state.n_skipped, state.n_skipped[act] + bank.n_skip),
+        n_ignored=state.n_ignored + samples.n_ignored,
+        watermark_ms=max(state.watermark_ms, int(samples.ts_ms[samples.mask].max())),
+    )
+
+
+def _with_counters(state: SocState, samples: SocSamples) -> SocState:
+    """The state with a sample-free batch's counters added."""
+    return SocState(
+        pack_ids=state.pack_ids,
+        x=state.x,
+        cov=state.cov,
+        cell_offset=state.cell_offset,
+        cell_offset_var=state.cell_offset_var,
+        last_ts_ms=state.last_ts_ms,
+        last_current_a=state.last_current_a,
+        last_temp_c=state.last_temp_c,
+        n_samples=state.n_samples,
+        n_duplicate=state.n_duplicate + samples.n_duplicate,
+        n_late=state.n_late + samples.n_late,
+        n_gap=state.n_gap,
+        n_skipped=state.n_skipped,
+        n_ignored=state.n_ignored + samples.n_ignored,
+        watermark_ms=state.watermark_ms,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimate
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SocEstimate:
+    """Every pack's SoC estimate at its last processed sample (arrays in ``pack_ids`` order).
+
+    Attributes:
+        pack_ids: pack identifiers.
+        ts_ms: event time of the last processed sample, -1 if none.
+        soc: mean SoC of the pack's cell groups, fraction in [0, 1].
+        soc_std: its standard deviation (from the filter's covariance), fraction.
+        soc_min_cell: SoC of the weakest cell group, or NaN without ``cell_v_min_v`` data.
+        soc_max_cell: SoC of the strongest cell group, or NaN without ``cell_v_max_v`` data.
+        soc_usable: the string's usable SoC, ``soc_min / (soc_min + 1 - soc_max)``; equal to
+            ``soc`` without cell-voltage data.
+        current_offset_a: estimated current-sensor offset (the sensor reads true + offset), A.
+        flags: :class:`SocFlag` bitmask per pack.
+    """
+
+    pack_ids: tuple[str, ...]
+    ts_ms: I64
+    soc: F64
+    soc_std: F64
+    soc_min_cell: F64
+    soc_max_cell: F64
+    soc_usable: F64
+    current_offset_a: F64
+    flags: I64
+
+    def flag_names(self, pack: str) -> tuple[str, ...]:
+        """Return the names of the flags raised for ``pack`` (lower case, e.g. ``"lfp_plateau"``).
+
+        Args:
+            pack: a pack id.
+
+        Returns:
+            The flag names, in bit order.
+
+        Raises:
+            EstimatorError: for an unknown pack id.
+        """
+        try:
+            i = self.pack_ids.index(pack)
+        except ValueError as exc:
+            msg = f"unknown pack {pack!r}"
+            raise EstimatorError(msg) from exc
+        value = int(self.flags[i])
+        return tuple(str(f.name).lower() for f in SocFlag if f.value and value & f.value)
+
+    def to_frame(self) -> pl.DataFrame:
+        """Return the estimate as a frame, one row per pack (``flags`` as the integer bitmask)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "pack_ids"}
+        return pl.DataFrame({"pack": list(self.pack_ids), **data})
+
+
+def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | None = None) -> SocEstimate:
+    """Compute the outputs and quality flags from a state (pure).
+
+    Args:
+        state: the filter state.
+        params: the filter parameters.
+        now_ms: reference time for staleness, ms; default: the newest event time processed.
+
+    Returns:
+        The estimate.
+    """
+    o = params.options
+    soc_raw = state.x[:, 0]
+    soc = np.clip(soc_raw, 0.0, 1.0)
+    var = state.cov[:, 0, 0]
+    soc_std = np.sqrt(np.maximum(var, 0.0))
+    # The offsets' variances only grow until cell voltages arrive: at the prior's, no data yet.
+    has_cells = state.cell_offset_var < o.cell_offset0_std**2 * 0.999
+    s_min = np.where(has_cells[:, 0], np.clip(soc_raw + state.cell_offset[:, 0], 0.0, 1.0), np.nan)
+    s_max = np.where(has_cells[:, 1], np.clip(soc_raw + state.cell_offset[:, 1], 0.0, 1.0), np.nan)
+    lo = np.where(np.isnan(s_min), soc, s_min)
+    hi = np.where(np.isnan(s_max), soc, s_max)
+    denom = lo + 1.0 - hi
+    usable = np.where(denom > 0.0, lo / np.where(denom > 0.0, denom, 1.0), soc)
+    rows, frac = _lookup(params.table, params.row, soc_raw)
+    slope = _col(rows, frac, _DOCV)
+    started = state.last_ts_ms != _NO_TS
+    ref = state.watermark_ms if now_ms is None else now_ms
+    c_rate = np.abs(state.last_current_a) / params.rated_group_ah
+    inside = (
+        (state.last_temp_c >= params.temp_lo_c)
+        & (state.last_temp_c <= params.temp_hi_c)
+        & (c_rate <= params.c_rate_max)
+        & (soc >= params.soc_lo)
+        & (soc <= params.soc_hi)
+    )
+    flags = np.zeros(state.n_packs, dtype=np.int64)
+    flags |= np.where(~started, int(SocFlag.NO_DATA), 0)
+    flags |= np.where(started & (state.last_ts_ms < ref - o.stale_after_s * 1000.0), int(SocFlag.STALE), 0)
+    flags |= np.where(started & ~inside, int(SocFlag.OUT_OF_VALIDITY), 0)
+    flags |= np.where(soc_std > o.uncertain_soc_std, int(SocFlag.UNCERTAIN), 0)
+    flags |= np.where(slope < o.plateau_slope_v, int(SocFlag.LFP_PLATEAU), 0)
+    return SocEstimate(
+        pack_ids=params.packs.pack_ids,
+        ts_ms=_frozen(state.last_ts_ms, np.int64),
+        soc=_frozen(soc, np.float64),
+        soc_std=_frozen(soc_std, np.float64),
+        soc_min_cell=_frozen(s_min, np.float64),
+        soc_max_cell=_frozen(s_max, np.float64),
+        soc_usable=_frozen(usable, np.float64),
+        current_offset_a=_frozen(state.x[:, 3], np.float64),
+        flags=_frozen(flags, np.int64),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The estimator
+# ------------------------------------------------------------------------------------------------
+
+
+@register
+class SocEstimator(Estimator[SocState, SocEstimate]):
+    """Track every pack's SoC with one extended Kalman filter vectorised over packs.
+
+    The model, its tuning and how rows are handled (duplicates, late rows, gaps, NaN) are in
+    the module docstring. The BMS's ``soc_bms`` is never used.
+
+    Args:
+        packs: the packs and their priors (see :meth:`PackInfo.from_meta`).
+        options: noise model and data-quality rules.
+
+    Examples:
+        >>> import polars as pl
+        >>> packs = PackInfo(
+        ...     pack_ids=("p1",), chemistry=("nmc811",), rated_group_ah=[100.0], series=[96],
+        ...     capacity_ah=[100.0], soc0=[0.5], soc0_std=[0.3], series_r_ohm=[0.0])
+        >>> est = SocEstimator(packs)
+        >>> est.estimate().flag_names("p1")
+        ('uncertain', 'no_data')
+        >>> minute_at_rest = pl.DataFrame({
+        ...     "pack": ["p1"] * 60, "ts_ms": [1_767_225_600_000 + 1000 * k for k in range(60)],
+        ...     "voltage_v": [388.3] * 60, "current_a": [0.0] * 60, "temp_avg_c": [25.0] * 60})
+        >>> est.update(minute_at_rest)
+        >>> e = est.estimate()
+        >>> round(float(e.soc[0]), 3), round(float(e.soc_std[0]), 3), e.flag_names("p1")
+        (0.804, 0.012, ())
+
+    References:
+        Plett, G. L. (2004). Extended Kalman filtering for battery management systems of
+        LiPB-based HEV battery packs, Parts 1-3. J. Power Sources 134, 252-292.
+    """
+
+    input_columns: ClassVar[tuple[str, ...]] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+
+    def __init__(self, packs: PackInfo, *, options: SocOptions = SocOptions()) -> None:
+        if not isinstance(packs, PackInfo):
+            msg = f"packs must be a PackInfo, got {type(packs).__name__}"
+            raise EstimatorError(msg)
+        if not isinstance(options, SocOptions):
+            msg = f"options must be a SocOptions (use SocOptions.from_dict for a mapping), got {type(options).__name__}"
+            raise EstimatorError(msg)
+        self.packs = packs
+        self.options = options
+        self._params = SocParams.build(packs, options)
+        self._state = initial_state(self._params)
+
+    @property
+    def pack_ids(self) -> tuple[str, ...]:
+        """The tracked packs, in the order of the estimate's arrays."""
+        return self.packs.pack_ids
+
+    @property
+    def params(self) -> SocParams:
+        """The derived filter parameters."""
+        return self._params
+
+    def update(self, batch: pl.DataFrame) -> None:
+        """Fold a batch of PackTelemetry rows (any packs, any order) into the state.
+
+        Args:
+            batch: rows with at least ``pack``, ``ts_ms``, ``voltage_v``, ``current_a`` and
+                ``temp_avg_c``; ``cell_v_min_v``/``cell_v_max_v`` are used when present.
+
+        Raises:
+            EstimatorError: if a required column is missing.
+        """
+        state = self._state
+        for samples in samples_from_frame(batch, self._params, state.last_ts_ms):
+            state = step(state, samples, self._params)
+        self._state = state
+
+    def estimate(self, *, now_ms: int | None = None) -> SocEstimate:
+        """Return every pack's estimate.
+
+        Args:
+            now_ms: reference time for the ``stale`` flag, ms (default: the newest event time
+                processed; the estimator never reads a clock).
+
+        Returns:
+            The estimate.
+        """
+        return estimate_from_state(self._state, self._params, now_ms=now_ms)
+
+    def snapshot(self) -> SocState:
+        """Return the current state (immutable)."""
+        return self._state
+
+    def restore(self, state: SocState) -> None:
+        """Resume from a snapshot.
+
+        Args:
+            state: a state from :meth:`snapshot` of an estimator with the same packs.
+
+        Raises:
+            EstimatorError: if the state is not a :class:`SocState` for these packs.
+        """
+        if not isinstance(state, SocState):
+            msg = f"cannot restore a {type(state).__name__} into a SocEstimator"
+            raise EstimatorError(msg)
+        state.check_fits(self.packs.pack_ids)
+        self._state = state
+
+    def clone(self) -> Self:
+        """Return an estimator with the same packs and options and a fresh state."""
+        return type(self)(self.packs, options=self.options)
+
+    def counters(self) -> dict[str, int]:
+        """Return the data-quality counters summed over packs."""
+        s = self._state
+        return {
+            "samples": int(s.n_samples.sum()),
+            "duplicate": int(s.n_duplicate.sum()),
+            "late": int(s.n_late.sum()),
+            "gap": int(s.n_gap.sum()),
+            "skipped": int(s.n_skipped.sum()),
+            "ignored": s.n_ignored,
+        }
+
+    @classmethod
+    def from_meta(
+        cls,
+        meta: pl.DataFrame,
+        *,
+        options: SocOptions = SocOptions(),
+        soh_prior: Mapping[str, float] | None = None,
+        soc0: float = 0.5,
+        soc0_std: float = 0.3,
+    ) -> Self:
+        """Build the estimator for the packs of a pack_meta frame (see :meth:`PackInfo.from_meta`).
+
+        Args:
+            meta: one row per pack, the contract's pack_meta columns.
+            options: noise model and data-quality rules.
+            soh_prior: SoH priors by pack id (default: the meta's ``intake_soh``, else 1).
+            soc0: initial SoC prior of every pack.
+            soc0_std: its standard deviation.
+
+        Returns:
+            The estimator.
+        """
+        packs = PackInfo.from_meta(meta, soh_prior=soh_prior, soc0=soc0, soc0_std=soc0_std)
+        return cls(packs, options=options)
+
+    def __repr__(self) -> str:
+        """Return a one-line summary."""
+        chems = ", ".join(sorted(set(self.packs.chemistry)))
+        custom = {k: v for k, v in asdict(self.options).items() if v != getattr(_DEFAULT_OPTIONS, k)}
+        return f"SocEstimator({self.packs.n_packs} packs: {chems}; options={custom or 'default'})"
+
+
+_DEFAULT_OPTIONS: Final = SocOptions()
