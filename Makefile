@@ -46,8 +46,9 @@ check: $(STAMP)
 	$(BIN)/ruff check twin emulators tests benchmarks
 	$(BIN)/mypy
 
+# Until `mgtwin demo` (embedded broker, live twin, terminal view) lands: emulate the site offline.
 demo: $(STAMP)
-	$(BIN)/mgtwin demo
+	$(BIN)/mgtwin emulate --scenario small --duration 6h --truth --out runs/demo
 
 bench: system-deps $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 
 from emulators.fleet import Fleet
 from emulators.pack import PackBank
-from twin.chemistry.aging import AgingLaw, AgingState, KneeModel, Stressors, get_aging_law
+from twin.chemistry.aging import SOC_GRID, AgingLaw, AgingState, KneeModel, Stressors, get_aging_law
 
 __all__ = ["FIRST_LIFE", "FleetAging"]
 
@@ -70,6 +70,8 @@ class FleetAging:
         self._sums = {k: np.zeros(n) for k in ("t", "soc", "temp", "abs_c", "chg_c", "chg_t", "dis_c", "dis_t")}
         self._soc_min = np.full(n, np.inf)
         self._soc_max = np.full(n, -np.inf)
+        self._occupancy = np.zeros((n, SOC_GRID.size))
+        self._rows = np.arange(n, dtype=np.intp) * SOC_GRID.size
 
     def _first_life(self, law: AgingLaw, idx: NDArray[np.intp]) -> AgingState:
         fleet = self.fleet
@@ -103,30 +105,49 @@ class FleetAging:
         c_rate = np.abs(current_a) / np.maximum(self.bank.pack_capacity_ah(), 1e-9)
         charging = current_a < 0
         discharging = current_a > 0
+        c_dt = c_rate * dt_s
         s["t"] += dt_s
         s["soc"] += soc * dt_s
         s["temp"] += temp_c * dt_s
-        s["abs_c"] += c_rate * dt_s
-        s["chg_c"] += np.where(charging, c_rate, 0.0) * dt_s
-        s["chg_t"] += np.where(charging, dt_s, 0.0)
-        s["dis_c"] += np.where(discharging, c_rate, 0.0) * dt_s
-        s["dis_t"] += np.where(discharging, dt_s, 0.0)
+        s["abs_c"] += c_dt
+        # Adding only where (un)charging is adding zero elsewhere, without the temporaries.
+        np.add(s["chg_c"], c_dt, out=s["chg_c"], where=charging)
+        np.add(s["chg_t"], dt_s, out=s["chg_t"], where=charging)
+        np.add(s["dis_c"], c_dt, out=s["dis_c"], where=discharging)
+        np.add(s["dis_t"], dt_s, out=s["dis_t"], where=discharging)
         np.minimum(self._soc_min, soc, out=self._soc_min)
         np.maximum(self._soc_max, soc, out=self._soc_max)
+        # Time spent near each SoC node (tent weights), for laws whose rates depend on SoC: a
+        # day cycled between 10 and 90 % does not age like a day at 50 %.
+        pos = np.clip(soc, 0.0, 1.0) * (SOC_GRID.size - 1)
+        lo = np.minimum(pos.astype(np.intp), SOC_GRID.size - 2)
+        frac = pos - lo
+        flat = self._occupancy.reshape(-1)
+        cell = self._rows + lo
+        flat[cell] += (1.0 - frac) * dt_s
+        flat[cell + 1] += frac * dt_s
 
     def stressors(self, idx: NDArray[np.intp]) -> Stressors:
         """The chunk's stressors of the packs ``idx``, from the running sums."""
         s = self._sums
         t = np.maximum(s["t"][idx], 1e-9)
-        return Stressors.from_means(
+        occupancy = self._occupancy[idx] / t[:, None]
+        soc_mean = np.clip(s["soc"][idx] / t, 0.0, 1.0)
+        empty = s["t"][idx] <= 0
+        if np.any(empty):  # no time accumulated: all weight at the mean (nothing ages anyway)
+            occupancy[empty] = 0.0
+            node = np.rint(soc_mean[empty] * (SOC_GRID.size - 1)).astype(np.intp)
+            occupancy[np.flatnonzero(empty), node] = 1.0
+        return Stressors(
             dt_days=s["t"][idx] / 86_400.0 * self.speedup,
             temp_k=s["temp"][idx] / t + 273.15,
-            soc_mean=np.clip(s["soc"][idx] / t, 0.0, 1.0),
+            soc_mean=soc_mean,
             dod=np.clip(self._soc_max[idx] - self._soc_min[idx], 0.0, 1.0),
             c_rate_mean=s["abs_c"][idx] / t,
             c_rate_charge_mean=s["chg_c"][idx] / np.maximum(s["chg_t"][idx], 1e-9),
             c_rate_discharge_mean=s["dis_c"][idx] / np.maximum(s["dis_t"][idx], 1e-9),
             efc=s["abs_c"][idx] / 3600.0 / 2.0 * self.speedup,
+            soc_occupancy=occupancy,
         )
 
     def apply(self) -> None:
@@ -146,3 +167,4 @@ class FleetAging:
             v[:] = 0.0
         self._soc_min[:] = np.inf
         self._soc_max[:] = -np.inf
+        self._occupancy[:] = 0.0

@@ -193,14 +193,59 @@ class StepResult:
     max_charge_a: F64
 
 
+#: The OCV that padded cells hold in the work arrays (relative, float32-safe): with the signs
+#: chosen below it never wins a reduction over a string's cells.
+_PAD_V: Final = 1e30
+
+
+def _padding_runs(mask: B, max_runs: int = 16) -> tuple[tuple[int, int, int], ...] | None:
+    """The padding as ``(first_row, stop_row, first_padded_column)`` runs of consecutive packs.
+
+    ``None`` when a mask row is not a prefix or there are more than ``max_runs`` runs (the
+    padding is then addressed through the mask).
+    """
+    n, s = mask.shape
+    counts = mask.sum(axis=1)
+    if n == 0 or not np.array_equal(mask, np.arange(s)[None, :] < counts[:, None]):
+        return None
+    cuts = (np.flatnonzero(np.diff(counts)) + 1).tolist()
+    if len(cuts) + 1 > max_runs:
+        return None
+    starts, stops = [0, *cuts], [*cuts, n]
+    return tuple((a, b, int(counts[a])) for a, b in zip(starts, stops, strict=True) if counts[a] < s)
+
+
 class PackBank:
     """The state of every pack and cell group, advanced together.
 
     The per-cell work of a step is a fixed, small number of numpy passes over ``(P, S)``
-    arrays: the SoC update, one OCV lookup, the open-circuit and terminal voltages, and the
-    reductions for the weakest and strongest cell. What varies little between the cells of
-    one string (the SoC shape of the resistance, the hysteresis amplitude, the entropic
-    coefficient) is evaluated at the string's mean SoC, once per pack.
+    arrays: one OCV lookup, the terminal voltages and the reductions for the weakest and
+    strongest cell, and the two reductions for the BMS limits. What varies little between
+    the cells of one string (the SoC shape of the resistance, the hysteresis amplitude, the
+    entropic coefficient) is evaluated at the string's mean SoC, once per pack.
+
+    How the hot path stays cheap (the physics is that of the module docstring):
+
+    * Charge is integrated per pack, in float64: every cell of a series string passes the
+      same current, so cell *i* holds ``soc_i = soc_base_i - ah_p / Q_i``, with ``ah_p``
+      the charge the string has given since the last *rebase* (at the start, and whenever
+      capacities change). The string's charge limits, its mean SoC and the usable SoC are
+      then per-pack formulas, with no pass over the cells.
+    * The OCV table index of each cell moves by a grid step only every few tens of steps,
+      so the table value and slope at the index are kept per cell and gathered again only
+      for the cells that crossed a grid point.
+    * Per-cell voltages are held in float32, relative to a per-chemistry reference voltage
+      (±1 V, so about 1e-7 V resolution); pack sums, SoC and every per-pack quantity are
+      float64. The winners of the per-cell reductions are re-evaluated in float64.
+    * Padded cells hold an OCV of ``_PAD_V`` (and, before a maximum, ``-_PAD_V``), so the
+      reductions run over whole contiguous rows with no masking pass.
+    * Work arrays are allocated once; the numpy calls write into them (``out=``), so a step
+      allocates no ``(P, S)`` temporaries (each costs page faults at this size).
+
+    Attributes such as ``soc``, ``capacity_ah``, ``r_cell``, ``r_growth``, ``i_filtered``,
+    ``hyst``, ``temp_c`` may be changed between steps; call :meth:`_invalidate` afterwards
+    so that the voltages and limits follow (writes to ``soc`` are also noticed at the next
+    step, as before).
 
     Args:
         params: the fleet's true parameters.
@@ -220,13 +265,17 @@ class PackBank:
         >>> result = bank.step(np.array([0.0, 1000.0]), np.full(2, 25.0), dt_s=1.0)
         >>> bool(result.current_a[1] > 0 and result.voltage_v[1] < result.voltage_v[0])
         True
+        >>> bool(np.allclose(bank.soc[1], 0.8 - result.current_a[1] / 3600 / 100))
+        True
     """
+
+    #: dtype of the per-cell voltage work arrays (float32 halves the memory traffic).
+    _CELL_DTYPE: type[np.floating] = np.float32
 
     def __init__(self, params: PackParams, *, temp_c: F64) -> None:
         self.params = params
         p = params
         n = p.n_packs
-        self.soc: F64 = np.where(p.mask, p.soc0, 0.5).astype(np.float64)
         self.capacity_ah: F64 = np.where(p.mask, p.capacity_ah, 1.0).astype(np.float64)
         self.r_cell: F64 = np.where(p.mask, p.r_cell, 1.0).astype(np.float64)
         self.r_growth: F64 = np.ones(n)
@@ -235,71 +284,266 @@ class PackBank:
         self.temp_c: F64 = np.asarray(temp_c, dtype=np.float64).copy()
         self.extra_heat_w: F64 = np.zeros(n)
         self.contactor_closed: B = np.ones(n, dtype=bool)
-        self._row = (p.chem_index * GRID_POINTS)[:, None]
-        self._pad_low = np.where(p.mask, 0.0, np.inf)
-        self._pad_high = np.where(p.mask, 0.0, -np.inf)
-        self._inv_series = 1.0 / p.series
+        self._init_constants()
+        self._init_work()
+        # Charge state: soc = soc_base - ah / Q per cell (pads stay at 0.5, 1 / Q = 0 there).
+        self._soc_base: F64 = np.where(p.mask, p.soc0, 0.5).astype(np.float64)
+        self._ah: F64 = np.zeros(n)
+        self._soc_arr: F64 = self._soc_base.copy()
+        self._soc_chk: F64 = self._soc_base.copy()
+        self._soc_state = _SOC_STALE
         self._last: StepResult | None = None
         self._cells_changed()
-        self._refresh()
-        self._cells_v: F64 = self._voc.copy()
+        self._refresh(swap=False)
+        self._ocv_prev[...] = self._ocv
+        self._cv_m: F64 = self._g.copy()
+        self._cv_hv: F64 = self._hv.copy()
+
+    def _init_constants(self) -> None:
+        """Per-pack constants and the tables in the form the hot path reads them."""
+        p = self.params
+        n, s = p.capacity_ah.shape
+        d = p.derived
+        self._r0_ref, self._r1_ref, self._tau_s = d("r0_ref"), d("r1_ref"), d("tau_s")
+        self._ea_over_r = d("ea") / _R_GAS
+        self._eta, self._gamma = d("eta"), d("gamma")
+        self._v_min, self._v_max = d("v_min"), d("v_max")
+        self._i_dis_max, self._i_chg_max = d("i_dis_max"), d("i_chg_max")
+        self._heat_cap, self._ua = d("heat_cap_j_per_k"), d("ua_w_per_k")
+        self._series_f = p.series.astype(np.float64)
+        self._inv_series = 1.0 / p.series
+        self._w_sum = p.weight.sum(axis=1)
+        self._row = p.chem_index.astype(np.intp) * GRID_POINTS
+        self._row_f = self._row.astype(np.float64)
+        cum = p.tables.cum_energy_vh
+        self._cum_pairs = cum + 1j * np.append(cum[1:], cum[-1])
+        self._rc_factor: dict[float, F64] = {}
+        # Cell tables relative to a reference voltage per chemistry (the OCV at 50 % SoC).
+        t = p.tables
+        n_chem = len(t.chemistries)
+        v_ref_chem = t.ocv_v[np.arange(n_chem) * GRID_POINTS + (GRID_POINTS - 1) // 2]
+        self._v_ref: F64 = v_ref_chem[p.chem_index]
+        self._ocv_rel_table: F64 = t.ocv_v - np.repeat(v_ref_chem, GRID_POINTS)
+        step_table = np.zeros_like(t.ocv_v)
+        step_table[:-1] = np.diff(t.ocv_v)
+        step_table[GRID_POINTS - 1 :: GRID_POINTS] = 0.0
+        self._ocv_step_table: F64 = step_table
+        # Per-pack tables, looked up together: resistance shape, hysteresis amplitude, entropy.
+        self._pack_table = np.stack([t.rsoc, t.hyst_v, t.entropic_v_per_k], axis=1)
+        self._pack_slope = np.stack([t.rsoc_slope, t.hyst_slope, np.zeros_like(t.entropic_v_per_k)], axis=1)
+        # Padded cells hold the OCV _PAD_V, so they lose the reductions over each string.
+        self._pad_mask = ~p.mask
+        self._pad_runs = _padding_runs(p.mask)
+        self._flat_row = np.arange(n, dtype=np.intp) * s
+        self._w_d = p.weight.astype(self._CELL_DTYPE)
+
+    def _init_work(self) -> None:
+        """Allocate the per-cell work arrays once; the hot path writes into them."""
+        n, s = self.params.capacity_ah.shape
+        dtype = self._CELL_DTYPE
+        self._buf = np.empty((n, s), dtype)  # terminal voltages, then grid fractions, then limit terms
+        self._moved = np.empty((n, s), bool)
+        self._bxk = np.zeros((n, s), dtype)  # grid position at the rebase less the table index
+        self._kf = np.zeros((n, s), dtype)  # the table index (unclipped)
+        self._tk = np.zeros((n, s), dtype)  # relative OCV at that index
+        self._sk = np.zeros((n, s), dtype)  # OCV change per grid step there
+        self._ocv = np.empty((n, s), dtype)  # relative OCV of the present state
+        self._ocv_prev = np.empty((n, s), dtype)  # ... and at the start of the last step
 
     # ------------------------------------------------------------------ internals
 
     def _cells_changed(self) -> None:
-        """Recompute what depends on the cells' capacity and resistance (after aging or a fault)."""
-        w = self.params.weight
-        self._inv_cap = np.where(self.params.mask, 1.0 / self.capacity_ah, 0.0)
+        """Recompute what depends on the cells' capacity and resistance, and rebase the charge."""
+        p, dtype = self.params, self._CELL_DTYPE
+        w = p.weight
+        self._inv_cap = np.where(p.mask, 1.0 / self.capacity_ah, 0.0)
+        self._icx = (self._inv_cap * (GRID_POINTS - 1)).astype(dtype)
         self._inv_r_cell = 1.0 / self.r_cell
+        self._inv_r_d = self._inv_r_cell.astype(dtype)
+        self._r_d = self.r_cell.astype(dtype)
         self._r_cell_sum = (self.r_cell * w).sum(axis=1)
+        self._pack_q_ah: F64 = (self.capacity_ah * w).sum(axis=1) * self._inv_series
+        self._icap_w_sum = (self._inv_cap * w).sum(axis=1)
+        self._rebased()
+
+    def _rebased(self) -> None:
+        """Recompute what depends on ``_soc_base`` (with ``_ah`` zero)."""
+        p = self.params
+        base, cap = self._soc_base, self.capacity_ah
+        held = base * cap
+        self._held_min = np.where(p.mask, held, np.inf).min(axis=1)
+        self._room_min = np.where(p.mask, cap - held, np.inf).min(axis=1)
+        self._cap_min = np.where(p.mask, cap, np.inf).min(axis=1)
+        self._soc_w_sum = (base * p.weight).sum(axis=1)
+        self._charge_cache: tuple[F64, F64, F64, F64] | None = None
+        # Every cell's table entries at its position now.
+        x = base * (GRID_POINTS - 1)
+        kf = np.floor(x)
+        self._kf[...] = kf
+        self._bxk[...] = x - kf
+        k = np.minimum(np.maximum(kf, 0), GRID_POINTS - 1).astype(np.intp)
+        k += self._row[:, None]
+        self._tk[...] = self._ocv_rel_table[k]
+        self._sk[...] = np.where(kf < 0, 0.0, self._ocv_step_table[k])
+        pad = self._pad_mask  # padding holds _PAD_V and never moves (1 / Q = 0 there)
+        self._bxk[pad] = 0.5
+        self._tk[pad] = _PAD_V
+        self._sk[pad] = 0.0
+
+    def _soc_now(self) -> F64:
+        if self._soc_state != _SOC_STALE:
+            return self._soc_arr
+        out: F64 = self._soc_base - self._ah[:, None] * self._inv_cap
+        return out
+
+    def _sync_soc(self) -> None:
+        """Take over a SoC written from outside (in place or by assignment) since the last step."""
+        if self._soc_state == _SOC_GIVEN:
+            np.not_equal(self._soc_arr, self._soc_chk, out=self._moved)
+            if self._moved.any():
+                self._soc_state = _SOC_SET
+        if self._soc_state == _SOC_SET:
+            self._soc_base = self._soc_arr.copy()
+            self._ah = np.zeros(self.params.n_packs)
+            self._rebased()
+            np.copyto(self._soc_chk, self._soc_arr)
+            self._soc_state = _SOC_GIVEN
 
     def _pack_lookup(self, table: F64, slope: F64, soc: F64) -> F64:
         x = np.clip(soc, 0.0, 1.0) * (GRID_POINTS - 1)
         k = np.minimum(x.astype(np.int64), GRID_POINTS - 2)
-        i = k + self._row[:, 0]
+        i = k + self._row
         out: F64 = table[i] + slope[i] * ((x - k) / (GRID_POINTS - 1))
         return out
 
-    def _refresh(self) -> None:
-        """Recompute the open-circuit voltages, resistances and limits from the state."""
-        p, t = self.params, self.params.tables
-        soc = self.soc
-        self._soc_mean = (soc * p.weight).sum(axis=1) * self._inv_series
-        # One OCV lookup per cell group.
-        x = np.clip(soc, 0.0, 1.0)
-        x *= GRID_POINTS - 1
-        k = x.astype(np.int64)
-        np.minimum(k, GRID_POINTS - 2, out=k)
-        x -= k
-        x *= 1.0 / (GRID_POINTS - 1)
+    def _pack_q(self) -> F64:
+        return self._pack_q_ah
+
+    def _fill_padding(self, a: NDArray[np.floating], value: float) -> None:
+        """Set the padded cells of ``a`` (P, S) to ``value``."""
+        runs = self._pad_runs
+        if runs is None:
+            np.copyto(a, value, where=self._pad_mask)
+            return
+        for r0, r1, first in runs:
+            a[r0:r1, first:] = value
+
+    def _update_ocv(self, out: NDArray[np.floating]) -> None:
+        """Write every cell's OCV (relative to ``_v_ref``) at the present charge into ``out``.
+
+        A cell's grid position is ``x = soc * (GRID_POINTS - 1) = bx - ah * icx``; with ``k``
+        the table index it was last looked up at, the fraction of the grid step is
+        ``x - k = bxk - ah * icx`` (``bxk = bx - k``), and the OCV ``t[k] + s[k] * (x - k)``.
+        """
+        frac, moved = self._buf, self._moved
+        np.multiply(self._icx, self._ah.astype(frac.dtype)[:, None], out=frac)
+        np.subtract(self._bxk, frac, out=frac)
+        # Cells whose fraction left [0, 1), in one unsigned comparison of the bits (negative
+        # numbers and NaN compare above 1.0 as well).
+        bits = frac.view(np.uint32 if frac.dtype == np.float32 else np.uint64)
+        np.greater_equal(bits, bits.dtype.type(_ONE_BITS[frac.dtype.itemsize]), out=moved)
+        if moved.any():
+            self._gather(np.flatnonzero(moved))
+        np.multiply(self._sk, frac, out=out)
+        np.add(out, self._tk, out=out)
+
+    def _gather(self, cells: NDArray[np.intp]) -> None:
+        """Move the flat ``cells``, whose fraction left [0, 1), to the grid step they are in now.
+
+        Outside the table (SoC below 0 or above 1) the slope is zero, so the OCV is the end
+        value: the same as clipping the SoC.
+        """
+        last = GRID_POINTS - 1
+        frac, bxk, kf = self._buf.reshape(-1), self._bxk.reshape(-1), self._kf.reshape(-1)
+        f = frac[cells]
+        steps = np.floor(f)
+        frac[cells] = f - steps
+        bxk[cells] -= steps
+        k_new = kf[cells] + steps
+        kf[cells] = k_new
+        k = np.minimum(np.maximum(k_new, 0), last).astype(np.intp)
+        k += self._row[cells // self._buf.shape[1]]
+        self._tk.reshape(-1)[cells] = self._ocv_rel_table[k]
+        step = self._ocv_step_table[k]
+        step[k_new < 0] = 0.0
+        self._sk.reshape(-1)[cells] = step
+
+    def _refresh(self, *, swap: bool = False) -> None:
+        """Recompute the open-circuit voltages, resistances and limits from the state.
+
+        With ``swap``, the OCV at the start of the step is kept for :meth:`cell_voltages`.
+        """
+        ah = self._ah
+        self._soc_mean = soc_mean = (self._soc_w_sum - ah * self._icap_w_sum) * self._inv_series
+        # Per pack, at the string's mean SoC: resistance shape, hysteresis amplitude, entropy.
+        x = np.minimum(np.maximum(soc_mean, 0.0), 1.0) * (GRID_POINTS - 1)
+        k = np.minimum(x.astype(np.intp), GRID_POINTS - 2)
+        frac = (x - k) / (GRID_POINTS - 1)
         k += self._row
-        ocv = t.ocv_v[k]
-        ocv += t.ocv_slope[k] * x
-        # Per pack: resistance scale and the hysteresis and RC terms.
-        rsoc = self._pack_lookup(t.rsoc, t.rsoc_slope, self._soc_mean)
-        t_k = self.temp_c + _KELVIN
-        arr = np.exp(p.derived("ea") / _R_GAS * (1.0 / t_k - 1.0 / _T_REF_K))
+        per_pack = self._pack_slope[k]
+        per_pack *= frac[:, None]
+        per_pack += self._pack_table[k]
+        rsoc, hyst_amp, self._entropic = per_pack.T
+        # One OCV per cell group.
+        ocv = self._ocv_prev if swap else self._ocv
+        self._update_ocv(ocv)
+        if swap:
+            self._ocv, self._ocv_prev = ocv, self._ocv
+        temp = self.temp_c
+        arr = np.exp(self._ea_over_r * (1.0 / (temp + _KELVIN) - 1.0 / _T_REF_K))
         scale = rsoc * arr * self.r_growth
-        self._k0 = p.derived("r0_ref") * scale
-        self._k1 = p.derived("r1_ref") * scale
-        hyst_v = self._pack_lookup(t.hyst_v, t.hyst_slope, self._soc_mean) * self.hyst
-        ocv -= (self._k1 * self.i_filtered)[:, None] * self.r_cell
-        ocv += hyst_v[:, None]
-        self._voc = ocv
-        self._voc_pack = (ocv * p.weight).sum(axis=1)
-        self._r_pack = self._k0 * self._r_cell_sum * (1.0 + CONNECTOR_SHARE)
-        # BMS limits: the largest current keeping every cell inside [v_min, v_max].
-        r_conn = 1.0 / (self._k0 * (1.0 + CONNECTOR_SHARE))
-        head_dis = ((ocv - p.derived("v_min")[:, None]) * self._inv_r_cell + self._pad_low).min(axis=1) * r_conn
-        head_chg = ((p.derived("v_max")[:, None] - ocv) * self._inv_r_cell + self._pad_low).min(axis=1) * r_conn
-        derate = np.clip(self.temp_c / 10.0, 0.0, 1.0) * np.clip((55.0 - self.temp_c) / 10.0, 0.0, 1.0)
+        self._k0 = k0 = self._r0_ref * scale
+        self._k1 = self._r1_ref * scale
+        self._g = g = self._k1 * self.i_filtered  # RC voltage per unit cell resistance
+        self._hv = hv = hyst_amp * self.hyst
+        ocv_sum = np.einsum("ij,ij->i", ocv, self._w_d).astype(np.float64)
+        self._voc_pack: F64 = (self._v_ref + hv) * self._w_sum + ocv_sum - g * self._r_cell_sum
+        self._r_pack: F64 = k0 * self._r_cell_sum * (1.0 + CONNECTOR_SHARE)
+        # BMS limits: the largest current keeping every cell inside [v_min, v_max]. Cell i
+        # reaches v_min at (ocv_i + hv - v_min) / R_i - g and v_max at (v_max - hv - ocv_i) / R_i + g;
+        # the least of each over the string sets the limit.
+        buf, inv_r_d, dtype = self._buf, self._inv_r_d, ocv.dtype
+        flat, inv_r = ocv.reshape(-1), self._inv_r_cell.reshape(-1)
+        low = self._v_ref + hv - self._v_min
+        np.add(ocv, low.astype(dtype)[:, None], out=buf)  # padding: _PAD_V, never the least
+        np.multiply(buf, inv_r_d, out=buf)
+        i = buf.argmin(axis=1) + self._flat_row
+        head_dis = (flat[i] + low) * inv_r[i] - g
+        high = self._v_max - hv - self._v_ref
+        np.subtract(high.astype(dtype)[:, None], ocv, out=buf)
+        np.multiply(buf, inv_r_d, out=buf)
+        self._fill_padding(buf, _PAD_V)
+        i = buf.argmin(axis=1) + self._flat_row
+        head_chg = (high - flat[i]) * inv_r[i] + g
+        r_conn = 1.0 / (k0 * (1.0 + CONNECTOR_SHARE))
+        # Charging derates below 10 °C and above 45 °C (the two ramps never overlap).
+        derate = np.clip(np.minimum(temp, 55.0 - temp) / 10.0, 0.0, 1.0)
         closed = self.contactor_closed
-        self._i_dis = np.where(closed, np.clip(np.minimum(head_dis, p.derived("i_dis_max")), 0.0, None), 0.0)
-        self._i_chg = np.where(
-            closed, np.clip(np.minimum(head_chg, p.derived("i_chg_max") * derate), 0.0, None), 0.0
+        self._i_dis: F64 = np.where(closed, np.maximum(np.minimum(head_dis * r_conn, self._i_dis_max), 0.0), 0.0)
+        self._i_chg: F64 = np.where(
+            closed, np.maximum(np.minimum(head_chg * r_conn, self._i_chg_max * derate), 0.0), 0.0
         )
 
     # ------------------------------------------------------------------ public
+
+    @property
+    def soc(self) -> F64:
+        """Every cell group's true SoC, (P, S) (padding holds 0.5)."""
+        if self._soc_state == _SOC_STALE:
+            np.multiply(self._inv_cap, self._ah[:, None], out=self._soc_arr)
+            np.subtract(self._soc_base, self._soc_arr, out=self._soc_arr)
+            np.copyto(self._soc_chk, self._soc_arr)
+            self._soc_state = _SOC_GIVEN
+        return self._soc_arr
+
+    @soc.setter
+    def soc(self, value: F64) -> None:
+        arr = np.array(value, dtype=np.float64)
+        if arr.shape != self._soc_base.shape:
+            msg = f"soc has shape {arr.shape}, expected {self._soc_base.shape}"
+            raise ValueError(msg)
+        self._soc_arr = arr
+        self._soc_state = _SOC_SET
 
     def limits(self) -> tuple[F64, F64]:
         """Return the BMS's present current limits (discharge, charge), A, both >= 0.
@@ -355,44 +599,58 @@ class PackBank:
         Unlike :meth:`step`, the current is not clipped to the BMS limits: this is how a
         cycler drives a cell (used to validate the model against measured data).
         """
-        p = self.params
+        self._sync_soc()
         current = np.asarray(current_a, dtype=np.float64)
-        # Terminal voltages at the start of the step with this step's current (what a BMS samples).
-        cells = self._voc - (self._k0 * current)[:, None] * self.r_cell
-        self._cells_v = cells
-        v_min_idx = (cells + self._pad_low).argmin(axis=1)
-        v_max_idx = (cells + self._pad_high).argmax(axis=1)
-        rows = np.arange(p.n_packs)
+        # Terminal voltages at the start of the step with this step's current (what a BMS
+        # samples): v_i = v_ref + hv + ocv_i - m R_i, with m the RC and ohmic drop per unit R.
+        ocv, buf = self._ocv, self._buf
+        m = self._g + self._k0 * current
+        hv = self._hv
+        np.multiply(self._r_d, m.astype(buf.dtype)[:, None], out=buf)
+        np.subtract(ocv, buf, out=buf)
+        v_min_idx = buf.argmin(axis=1)  # padding holds _PAD_V
+        self._fill_padding(buf, -_PAD_V)
+        v_max_idx = buf.argmax(axis=1)
+        flat, r_flat = ocv.reshape(-1), self.r_cell.reshape(-1)
+        base = self._v_ref + hv
+        i = v_min_idx + self._flat_row
+        cell_v_min = base + flat[i] - m * r_flat[i]
+        i = v_max_idx + self._flat_row
+        cell_v_max = base + flat[i] - m * r_flat[i]
+        self._cv_m, self._cv_hv = m, hv
         voltage = self._voc_pack - current * self._r_pack
 
         # Charge: coulombic efficiency applies to charging current only.
-        eff = np.where(current < 0.0, p.derived("eta") * current, current)
-        self.soc -= (eff * (dt_s / 3600.0))[:, None] * self._inv_cap
-        self.i_filtered += (current - self.i_filtered) * (1.0 - np.exp(-dt_s / p.derived("tau_s")))
-        pack_q = self._pack_q()
-        decay = 1.0 - np.exp(-p.derived("gamma") * np.abs(current) * dt_s / pack_q)
+        eff = np.where(current < 0.0, self._eta * current, current)
+        self._ah = self._ah + eff * (dt_s / 3600.0)
+        self._soc_state = _SOC_STALE
+        self._charge_cache = None
+        rc = self._rc_factor.get(dt_s)
+        if rc is None:
+            rc = self._rc_factor[dt_s] = 1.0 - np.exp(-dt_s / self._tau_s)
+        self.i_filtered += (current - self.i_filtered) * rc
+        # Plett's hysteresis rate: gamma per ampere-second of throughput relative to the capacity in A·s.
+        decay = 1.0 - np.exp(-self._gamma * np.abs(current) * dt_s / (self._pack_q_ah * 3600.0))
         self.hyst -= decay * (self.hyst + np.sign(current))
 
         # Heat: Joule loss (ohmic and RC), reversible heat, injected fault heat; convection.
-        t = p.tables
-        entropic = self._pack_lookup(t.entropic_v_per_k, np.zeros_like(t.entropic_v_per_k), self._soc_mean)
         t_k = self.temp_c + _KELVIN
         r1_pack = self._k1 * self._r_cell_sum
         heat = (
             current * current * self._r_pack
             + self.i_filtered**2 * r1_pack
-            - current * t_k * entropic * p.series  # reversible heat (Bernardi), I > 0 on discharge
+            - current * t_k * self._entropic * self._series_f  # reversible heat (Bernardi), I > 0 on discharge
             + self.extra_heat_w
         )
-        loss = p.derived("ua_w_per_k") * (self.temp_c - env_temp_c)
-        self.temp_c += (heat - loss) * dt_s / p.derived("heat_cap_j_per_k")
+        loss = self._ua * (self.temp_c - env_temp_c)
+        self.temp_c += (heat - loss) * dt_s / self._heat_cap
 
-        self._refresh()
+        self._refresh(swap=True)
         result = StepResult(
             current_a=current,
             voltage_v=voltage,
-            cell_v_min_v=cells[rows, v_min_idx],
-            cell_v_max_v=cells[rows, v_max_idx],
+            cell_v_min_v=cell_v_min,
+            cell_v_max_v=cell_v_max,
             cell_v_min_idx=v_min_idx,
             cell_v_max_idx=v_max_idx,
             temp_c=self.temp_c.copy(),
@@ -403,24 +661,43 @@ class PackBank:
         self._last = result
         return result
 
-    def _pack_q(self) -> F64:
-        if not hasattr(self, "_pack_q_cache"):
-            self._pack_q_cache: F64 = (self.capacity_ah * self.params.weight).sum(axis=1) * self._inv_series
-        return self._pack_q_cache
+    def cell_voltages(self, *, out: F64 | None = None) -> F64:
+        """Return every cell group's terminal voltage at the last step, (P, S); padding is NaN.
 
-    def cell_voltages(self) -> F64:
-        """Return every cell group's terminal voltage at the last step, (P, S); padding is NaN."""
-        out: F64 = np.where(self.params.mask, self._cells_v, np.nan)
+        Args:
+            out: a float64 array of that shape to write into (default: a new array).
+        """
+        if out is None:
+            out = np.empty(self._soc_base.shape)
+        np.multiply(self.r_cell, self._cv_m[:, None], out=out)
+        np.subtract(self._ocv_prev, out, out=out)
+        out += (self._v_ref + self._cv_hv)[:, None]
+        np.copyto(out, np.nan, where=self._pad_mask)
         return out
 
     def string_charge_ah(self) -> tuple[F64, F64]:
-        """Return the charge (Ah) each string can still give and still take before a cell hits a limit."""
-        soc = np.clip(self.soc, 0.0, 1.0)
-        held = soc * self.capacity_ah
-        q_low: F64 = (held + self._pad_low).min(axis=1)
-        held -= self.capacity_ah
-        q_high: F64 = -(held - self._pad_low).max(axis=1)
-        return q_low, q_high
+        """Return the charge (Ah) each string can still give and still take before a cell hits a limit.
+
+        Per cell, with the SoC clipped to [0, 1], the charge held is ``clip(h_i, 0, Q_i)``
+        with ``h_i = soc_base_i Q_i - ah``; its least value over the string is
+        ``clip(min_i h_i, 0, min_i Q_i)``, and likewise for the charge it can still take.
+        """
+        q_low, q_high = self._charge()
+        return q_low.copy(), q_high.copy()
+
+    def _charge(self) -> tuple[F64, F64]:
+        """:meth:`string_charge_ah`, computed once per state (callers must not modify it)."""
+        if self._soc_state == _SOC_SET:
+            self._sync_soc()
+        cached = self._charge_cache
+        if cached is None:
+            ah = self._ah
+            q_low: F64 = np.clip(np.minimum(self._held_min - ah, self._cap_min), 0.0, None)
+            q_high: F64 = np.clip(np.minimum(self._room_min + ah, self._cap_min), 0.0, None)
+            total = q_low + q_high
+            usable: F64 = np.where(total > 0, q_low / np.where(total > 0, total, 1.0), 0.0)
+            cached = self._charge_cache = (q_low, q_high, total, usable)
+        return cached[0], cached[1]
 
     def pack_soc(self) -> F64:
         """Return each pack's usable SoC: what the weakest-limited string can still deliver.
@@ -429,16 +706,31 @@ class PackBank:
         full, so the usable SoC is ``q_low / (q_low + q_high)``, with ``q_low`` the charge the
         string can still give and ``q_high`` the charge it can still take.
         """
-        q_low, q_high = self.string_charge_ah()
-        total = q_low + q_high
-        out: F64 = np.where(total > 0, q_low / np.where(total > 0, total, 1.0), 0.0)
+        self._charge()
+        assert self._charge_cache is not None
+        return self._charge_cache[3].copy()
+
+    def cell_soc_mean(self) -> F64:
+        """Return each string's mean cell SoC, every cell's clipped to [0, 1] (weighted by ``weight``).
+
+        Per pack from the charge integrated so far; only strings with a cell outside [0, 1]
+        are summed cell by cell.
+        """
+        p = self.params
+        self._charge()
+        ah = self._ah
+        out: F64 = (self._soc_w_sum - ah * self._icap_w_sum) * self._inv_series
+        outside = np.flatnonzero((self._held_min - ah < 0.0) | (self._room_min + ah < 0.0))
+        if outside.size:
+            soc = np.clip(self._soc_now()[outside], 0.0, 1.0)
+            out[outside] = (soc * p.weight[outside]).sum(axis=1) * self._inv_series[outside]
         return out
 
     def pack_capacity_ah(self) -> F64:
         """Return each string's usable capacity (Ah): charge between the empty and full limits."""
-        q_low, q_high = self.string_charge_ah()
-        out: F64 = q_low + q_high
-        return out
+        self._charge()
+        assert self._charge_cache is not None
+        return self._charge_cache[2].copy()
 
     def energy_to_floor_wh(self, floor_soc: float, current_a: F64 | None = None) -> F64:
         """Return each pack's true energy (Wh) until its usable SoC reaches ``floor_soc``.
@@ -447,27 +739,64 @@ class PackBank:
         the floor; every cell's OCV is integrated over the SoC it gives up meanwhile, less the
         ohmic loss at ``current_a`` (default: the last step's current) over that discharge.
         """
-        p, t = self.params, self.params.tables
-        q_low, q_high = self.string_charge_ah()
+        p = self.params
+        q_low, q_high = self._charge()
         ah = np.clip(q_low - floor_soc * (q_low + q_high), 0.0, None)
-        soc = np.clip(self.soc, 0.0, 1.0)
-        end = np.clip(soc - ah[:, None] * self._inv_cap, 0.0, 1.0)
-
-        def cum(x: F64) -> F64:
-            pos = x * (GRID_POINTS - 1)
-            k = np.minimum(pos.astype(np.int64), GRID_POINTS - 2)
-            i = k + self._row
-            lo, hi = t.cum_energy_vh[i], t.cum_energy_vh[i + 1]
-            out: F64 = lo + (hi - lo) * (pos - k)
-            return out
-
-        wh = ((cum(soc) - cum(end)) * self.capacity_ah * p.weight).sum(axis=1)
+        start, end, k, lo, wh_start, wh_end, _ = self._energy_work()
+        self._soc_into(start)
+        np.clip(start, 0.0, 1.0, out=start)
+        np.multiply(self._inv_cap, ah[:, None], out=end)
+        np.subtract(start, end, out=end)
+        np.clip(end, 0.0, 1.0, out=end)
+        self._cum_energy(start, k, lo, wh_start)
+        self._cum_energy(end, k, lo, wh_end)
+        wh_start -= wh_end
+        wh_start *= self.capacity_ah
+        wh = np.einsum("ij,ij->i", wh_start, p.weight)
         if current_a is None:
             current_a = self._last.current_a if self._last is not None else np.zeros(p.n_packs)
         i = np.abs(current_a)
         hours = np.where(i > 0, ah / np.where(i > 0, i, 1.0), 0.0)
         out: F64 = np.clip(wh - i * i * self._r_pack * hours, 0.0, None)
         return out
+
+    def _energy_work(self) -> tuple[F64, F64, NDArray[np.intp], F64, F64, F64, NDArray[np.complex128]]:
+        work = getattr(self, "_energy_arrays", None)
+        if work is None:
+            shape = self._soc_base.shape
+            work = self._energy_arrays = (
+                np.empty(shape),
+                np.empty(shape),
+                np.empty(shape, dtype=np.intp),
+                np.empty(shape),
+                np.empty(shape),
+                np.empty(shape),
+                np.empty(shape, dtype=np.complex128),
+            )
+        return work
+
+    def _cum_energy(self, soc: F64, k: NDArray[np.intp], lo: F64, out: F64) -> None:
+        """∫ OCV dsoc from 0 to ``soc`` per cell (V·h per Ah) into ``out``; ``soc`` (in [0, 1]) is overwritten."""
+        soc *= GRID_POINTS - 1
+        np.floor(soc, out=lo)  # the grid index, as a float (soc >= 0: truncation)
+        np.clip(lo, 0, GRID_POINTS - 2, out=lo)  # (clip is the fast path; minimum with a scalar is not)
+        soc -= lo
+        lo += self._row_f[:, None]
+        np.copyto(k, lo, casting="unsafe")
+        # Both ends of the grid step in one gather: (cum[k], cum[k + 1]) as one complex number.
+        pair = self._energy_work()[6]
+        self._cum_pairs.take(k, out=pair)
+        np.subtract(pair.imag, pair.real, out=out)
+        out *= soc
+        out += pair.real
+
+    def _soc_into(self, out: F64) -> None:
+        """Write every cell's present SoC into ``out``."""
+        if self._soc_state == _SOC_STALE:
+            np.multiply(self._inv_cap, self._ah[:, None], out=out)
+            np.subtract(self._soc_base, out, out=out)
+        else:
+            np.copyto(out, self._soc_arr)
 
     def apply_aging(self, capacity_ratio: F64, r_growth: F64) -> None:
         """Scale every cell group's capacity by ``capacity_ratio`` (P,) or (P, S); set resistance growth (P,)."""
@@ -476,14 +805,45 @@ class PackBank:
         self.r_growth = np.asarray(r_growth, dtype=np.float64).copy()
         self._invalidate()
 
-    def set_cell(self, pack: int, group: int, *, capacity_factor: float = 1.0, resistance_factor: float = 1.0) -> None:
-        """Change one cell group's capacity and resistance (a weak-cell fault)."""
+    def set_cell(
+        self,
+        pack: int,
+        group: int,
+        *,
+        capacity_factor: float = 1.0,
+        resistance_factor: float = 1.0,
+        top_balanced: bool = False,
+    ) -> None:
+        """Change one cell group's capacity and resistance (a weak-cell fault).
+
+        With ``top_balanced`` the cell is taken to have been weak all along in a string the
+        BMS balances at the top of charge: it is full when the others are, so below full it
+        holds the same charge deficit over less capacity, ``soc = 1 - (1 - soc) / factor``.
+        Otherwise the cell keeps its SoC (a sudden loss of capacity).
+        """
+        if top_balanced:
+            soc = self.soc.copy()
+            soc[pack, group] = max(0.0, 1.0 - (1.0 - soc[pack, group]) / capacity_factor)
+            self.soc = soc
         self.capacity_ah[pack, group] *= capacity_factor
         self.r_cell[pack, group] *= resistance_factor
         self._invalidate()
 
     def _invalidate(self) -> None:
-        if hasattr(self, "_pack_q_cache"):
-            del self._pack_q_cache
+        """Recompute everything derived from the state after it was changed from outside.
+
+        Every cell keeps its SoC: a changed capacity changes the charge it holds, not its SoC.
+        """
+        self._sync_soc()
+        self._soc_base = self._soc_now().copy()  # from the capacities before the change
+        self._ah = np.zeros(self.params.n_packs)
+        self._soc_state = _SOC_STALE
         self._cells_changed()
         self._refresh()
+
+
+#: Bits of 1.0 as float32 and float64, by item size.
+_ONE_BITS: Final = {4: 0x3F800000, 8: 0x3FF0000000000000}
+_SOC_STALE: Final = 0  # ``_soc_arr`` is out of date
+_SOC_GIVEN: Final = 1  # ``_soc_arr`` is up to date and ``_soc_chk`` holds a copy to notice writes
+_SOC_SET: Final = 2  # ``_soc_arr`` was assigned from outside: rebase on it

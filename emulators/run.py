@@ -13,6 +13,7 @@ sensor noise and the faults each draw from their own child of the scenario's see
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from typing import Final, Protocol
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from numpy.typing import NDArray
 
 from emulators.aging import FleetAging
 from emulators.fleet import Fleet, build_fleet
-from emulators.pack import PackBank
+from emulators.pack import PackBank, StepResult
 from emulators.scenario import (
     ContactorOpen,
     GatewayOffline,
@@ -237,9 +239,22 @@ class Emulation:
         floor = sc.dispatch.reserve_floor_soc
         target = sc.dispatch.target_soc
         v_nom = fleet.params.derived("v_nom")
-        tele: dict[str, list[NDArray[np.generic]]] = {k: [] for k in _TELE_COLUMNS}
-        cells_rows: list[pl.DataFrame] = []
+        tele = _TelemetryRows(sum(1 for step in steps if step % tele_every == 0), n)
+        cells_rows: list[_CellSample] = []
         site_rows: list[tuple[int, int, float, float, float, float, float]] = []
+        site_steps: list[tuple[int, float]] = []  # (step, battery_w) of each site row, for the grid balance
+        at = np.arange(steps.start, steps.stop)
+        request_below, request_above = (
+            battery_request_w(
+                trace.load_w[at],
+                trace.solar_w[at],
+                np.full(at.size, soc),
+                policy=sc.dispatch,
+                grid=sc.grid,
+                grid_available=trace.grid_available[at],
+            )
+            for soc in (-np.inf, np.inf)
+        )
         status_rows: list[tuple[str, str, int]] = []
         truth_rows: list[pl.DataFrame] = []
         site_truth_rows: list[tuple[int, float, float, float, float, float, int]] = []
@@ -250,18 +265,27 @@ class Emulation:
             bank.extra_heat_w[:] = 0.0
             offline = np.zeros(n, dtype=bool)
             for f in active:
-                if isinstance(f.spec, ContactorOpen):
+                spec = f.spec  # `type(...) is`: the specs are final pydantic models, and isinstance is slow on them
+                if type(spec) is ContactorOpen:
                     bank.contactor_closed[f.packs] = False
-                elif isinstance(f.spec, GatewayOffline):
+                elif type(spec) is GatewayOffline:
                     offline[f.packs] = True
-                elif isinstance(f.spec, ThermalRunawayPrecursor):
+                elif type(spec) is ThermalRunawayPrecursor:
                     elapsed = (step - f.start) * dt
-                    bank.extra_heat_w[f.packs] = f.spec.self_heat_w * np.exp(min(elapsed / 1800.0, 5.0))
-                elif isinstance(f.spec, WeakCell) and "applied" not in f.state:
+                    bank.extra_heat_w[f.packs] = spec.self_heat_w * np.exp(min(elapsed / 1800.0, 5.0))
+                elif type(spec) is WeakCell and "applied" not in f.state:
                     for p in f.packs:  # a handful of packs, once
-                        cell = f.spec.cell_index if f.spec.cell_index is not None else int(rng.integers(fleet.params.series[p]))
-                        col = min(cell, bank.soc.shape[1] - 1) if self.options.cell_level else 0
-                        bank.set_cell(int(p), col, capacity_factor=f.spec.capacity_factor, resistance_factor=f.spec.resistance_factor)
+                        cell = spec.cell_index
+                        if cell is None:
+                            cell = int(rng.integers(fleet.params.series[p]))
+                        col = min(cell, bank.capacity_ah.shape[1] - 1) if self.options.cell_level else 0
+                        bank.set_cell(
+                            int(p),
+                            col,
+                            capacity_factor=spec.capacity_factor,
+                            resistance_factor=spec.resistance_factor,
+                            top_balanced=step == 0,  # present from the start: weak all along
+                        )
                     f.state["applied"] = np.ones(1)
             changed = offline != ~self.online
             if changed.any():
@@ -275,8 +299,9 @@ class Emulation:
             energy_wh = np.clip(q_low - floor * usable, 0.0, None) * v_nom
             headroom_wh = np.clip(target * usable - q_low, 0.0, None) * v_nom
             site_soc = float(q_low.sum() / max(usable.sum(), 1e-9))
-            load, solar, up = float(trace.load_w[step]), float(trace.solar_w[step]), bool(trace.grid_available[step])
-            request = float(battery_request_w(load, solar, site_soc, policy=sc.dispatch, grid=sc.grid, grid_available=up))
+            load, solar = float(trace.load_w[step]), float(trace.solar_w[step])
+            # The policy's request with and without grid charging, for the chunk at once (elementwise).
+            request = float((request_below if site_soc < sc.dispatch.target_soc else request_above)[step - steps.start])
             p_dis, p_chg = bank.power_limits_w()
             excluded = offline | ~bank.contactor_closed
             plan = dispatch(
@@ -291,7 +316,6 @@ class Emulation:
             env = self._container_temp(np.full(n, float(trace.ambient_c[step])), bank.extra_heat_w)
             result = bank.step(plan.pack_power_w, env, dt_s=dt)
             battery_w = float((result.current_a * result.voltage_v).sum())
-            balance = grid_power_w(load, solar, battery_w, grid=sc.grid, available=up)
 
             # Sensors, every telemetry period.
             measured_i = self.sensors.current(result.current_a, rng)
@@ -311,11 +335,12 @@ class Emulation:
                         self.site_seq,
                         round(load + rng.normal(0.0, 0.002 * load), 1),
                         round(solar, 1),
-                        round(float(balance.grid_w), 1),
+                        0.0,  # grid power, filled in below for all rows at once
                         round(battery_w, 1),
                         round(float(trace.ambient_c[step]), 2),
                     )
                 )
+                site_steps.append((step, battery_w))
                 self.site_seq += 1
             if step % cell_every == 0:
                 cells_rows.append(self._sample_cells(ts, offline, active, rng))
@@ -331,9 +356,21 @@ class Emulation:
             self.steps_done = step + 1
             if self.steps_done % aging_every == 0:
                 self.aging.apply()
+        if site_steps:
+            # The grid closes the balance; elementwise, so one call for the chunk gives what
+            # one call per row would.
+            at = np.array([s for s, _ in site_steps])
+            grid_w = grid_power_w(
+                trace.load_w[at],
+                trace.solar_w[at],
+                np.array([b for _, b in site_steps]),
+                grid=sc.grid,
+                available=trace.grid_available[at],
+            ).grid_w
+            site_rows = [(*row[:4], round(float(g), 1), *row[5:]) for row, g in zip(site_rows, grid_w, strict=True)]
         return Chunk(
             telemetry=self._tele_frame(tele),
-            cells=pl.concat(cells_rows) if cells_rows else pl.DataFrame(schema=_CELLS_SCHEMA),
+            cells=self._cells_frame(cells_rows),
             site=pl.DataFrame(
                 site_rows,
                 schema=["ts_ms", "seq", "load_w", "solar_w", "grid_w", "battery_w", "ambient_c"],
@@ -353,18 +390,16 @@ class Emulation:
 
     def _sample_telemetry(
         self,
-        out: dict[str, list[NDArray[np.generic]]],
+        out: _TelemetryRows,
         ts: int,
-        result: object,
+        result: StepResult,
         measured_i: F64,
         env: F64,
         offline: B,
         active: list[_FaultWindow],
         rng: np.random.Generator,
     ) -> None:
-        from emulators.pack import StepResult
-
-        assert isinstance(result, StepResult)
+        """Add one telemetry sample of every pack to ``out`` (every pack, and which are not lost)."""
         fleet, sensors = self.fleet, self.sensors
         n = fleet.n_packs
         v = sensors.pack_voltage(result.voltage_v, rng)
@@ -372,30 +407,31 @@ class Emulation:
         rise = result.heat_w / np.maximum(fleet.params.derived("ua_w_per_k"), 1e-9)
         temps = sensors.temperatures(result.temp_c, rise, rng)
         temps[:, -1] += self.bank.extra_heat_w * _HOT_SPOT_K_PER_W
-        t_min, t_max, t_avg = temps.min(axis=1), temps.max(axis=1), np.round(temps.mean(axis=1), 2)
+        # Reductions over the few sensors of each pack, along contiguous rows of the transpose.
+        by_sensor = np.ascontiguousarray(temps.T)
+        t_min = np.minimum.reduce(by_sensor, axis=0)
+        t_max = np.maximum.reduce(by_sensor, axis=0)
+        t_avg = np.round(np.add.reduce(by_sensor, axis=0) / by_sensor.shape[0], 2)
         cmin = sensors.cell_voltage(result.cell_v_min_v, rng)
         cmax = sensors.cell_voltage(result.cell_v_max_v, rng)
-        pos = fleet.cell_position
-        rows = np.arange(n)
         if self.options.cell_level:
             imin, imax = result.cell_v_min_idx, result.cell_v_max_idx
         else:
-            weak = pos[:, 0]
+            weak = fleet.cell_position[:, 0]
             imin = np.where(result.cell_v_min_idx == 0, weak, (weak + 1) % fleet.params.series)
             imax = np.where(result.cell_v_max_idx == 0, weak, (weak + 1) % fleet.params.series)
-        del rows
         keep = ~offline
         bits = np.zeros(n, dtype=np.int64)
         bits |= np.where(t_max > 55.0, FAULT_BITS["over_temperature"], 0)
         bits |= np.where(~self.bank.contactor_closed, FAULT_BITS["contactor_open"], 0)
         for f in active:
             spec = f.spec
-            if isinstance(spec, TelemetryDropout):
+            if type(spec) is TelemetryDropout:
                 lost = rng.random(f.packs.size) < spec.loss_fraction
                 keep[f.packs[lost]] = False
-            elif isinstance(spec, (SensorStuck, SensorOffset)):
+            elif type(spec) is SensorStuck or type(spec) is SensorOffset:
                 target = {"pack_voltage_v": v, "current_a": i, "temp_c": t_max, "cell_voltage_v": cmin}[spec.signal]
-                if isinstance(spec, SensorOffset):
+                if type(spec) is SensorOffset:
                     target[f.packs] += spec.offset
                 else:
                     held = f.state.setdefault(spec.signal, target[f.packs].copy())
@@ -404,52 +440,72 @@ class Emulation:
                         t_min[f.packs] = np.minimum(t_min[f.packs], held)
                         t_avg[f.packs] = held
         # Every sample advances the gateway's sequence number, lost or not, so gaps show losses.
-        seq = self.seq.copy()
+        row = out.next_row(ts)
+        d = out.data
+        d["keep"][row] = keep
+        d["seq"][row] = self.seq
         self.seq += 1
-        idx = np.flatnonzero(keep)
-        out["pack"].append(np.asarray(fleet.pack_ids, dtype=object)[idx])
-        out["ts_ms"].append(np.full(idx.size, ts, dtype=np.int64))
-        out["seq"].append(seq[idx])
-        out["voltage_v"].append(v[idx])
-        out["current_a"].append(i[idx])
-        out["temp_min_c"].append(t_min[idx])
-        out["temp_max_c"].append(t_max[idx])
-        out["temp_avg_c"].append(t_avg[idx])
-        out["cell_v_min_v"].append(np.round(cmin[idx], 4))
-        out["cell_v_max_v"].append(np.round(cmax[idx], 4))
-        out["cell_v_min_idx"].append(imin[idx].astype(np.int64))
-        out["cell_v_max_idx"].append(imax[idx].astype(np.int64))
-        out["soc_bms"].append(np.round(self.bms.soc[idx], 4))
-        out["soh_bms"].append(np.round(self.bms.soh_reported[idx], 4))
-        out["contactor_closed"].append(self.bank.contactor_closed[idx].copy())
-        out["fault_bits"].append(bits[idx])
+        d["voltage_v"][row] = v
+        d["current_a"][row] = i
+        d["temp_min_c"][row] = t_min
+        d["temp_max_c"][row] = t_max
+        d["temp_avg_c"][row] = t_avg
+        np.round(cmin, 4, out=d["cell_v_min_v"][row])
+        np.round(cmax, 4, out=d["cell_v_max_v"][row])
+        d["cell_v_min_idx"][row] = imin
+        d["cell_v_max_idx"][row] = imax
+        np.round(self.bms.soc, 4, out=d["soc_bms"][row])
+        np.round(self.bms.soh_reported, 4, out=d["soh_bms"][row])
+        d["contactor_closed"][row] = self.bank.contactor_closed
+        d["fault_bits"][row] = bits
         self._last_temps = temps
 
-    def _tele_frame(self, tele: dict[str, list[NDArray[np.generic]]]) -> pl.DataFrame:
-        if not tele["ts_ms"]:
+    def _tele_frame(self, tele: _TelemetryRows) -> pl.DataFrame:
+        """Build the chunk's telemetry frame, one row per pack and sample, less the lost rows."""
+        if tele.rows == 0:
             return pl.DataFrame(schema=_TELE_SCHEMA)
-        data = {k: np.concatenate(v) for k, v in tele.items()}
-        frame = pl.DataFrame({k: data[k] for k in _TELE_COLUMNS}, schema_overrides={"pack": pl.String})
+        n, samples = self.fleet.n_packs, tele.rows
+        keep = tele.data["keep"][:samples].reshape(-1)
+        rows = None if keep.all() else np.flatnonzero(keep)
+
+        def column(name: str) -> NDArray[np.generic]:
+            data = tele.data[name][:samples].reshape(-1)
+            return data if rows is None else data[rows]
+
+        pack_index = np.tile(np.arange(n), samples)
+        ts = np.repeat(tele.ts_ms[:samples], n)
+        data = {
+            "pack": _pack_series(self.fleet.pack_ids).gather(pack_index if rows is None else pack_index[rows]),
+            "ts_ms": ts if rows is None else ts[rows],
+            **{k: column(k) for k in _TELE_COLUMNS[2:]},
+        }
+        frame = pl.DataFrame(data)
         return frame.with_columns(
             pl.col(c).round(3) for c in ("voltage_v", "current_a", "temp_min_c", "temp_max_c")
         )
 
-    def _sample_cells(self, ts: int, offline: B, active: list[_FaultWindow], rng: np.random.Generator) -> pl.DataFrame:
+    def _sample_cells(self, ts: int, offline: B, active: list[_FaultWindow], rng: np.random.Generator) -> _CellSample:
+        """Measure every cell of every pack; return the rows of the packs not lost, for :meth:`_cells_frame`."""
         fleet, bank = self.fleet, self.bank
         n = fleet.n_packs
         series = fleet.params.series
+        s_max = int(series.max())
+        # Two work arrays, reused: the true and the measured cell voltages.
+        work = getattr(self, "_cell_work", None)
+        if work is None or work[0].shape != (n, s_max):
+            work = self._cell_work = (np.empty((n, s_max)), np.empty((n, s_max)))
         if self.options.cell_level:
-            volts = bank.cell_voltages()
+            volts = bank.cell_voltages(out=work[0])
         else:
-            s_max = int(series.max())
             group = bank.cell_voltages()
             volts = np.repeat(group[:, 1:2], s_max, axis=1)
             volts[np.arange(n), fleet.cell_position[:, 0]] = group[:, 0]
             volts[np.arange(s_max)[None, :] >= series[:, None]] = np.nan
-        measured = np.round(self.sensors.cell_voltage(volts, rng), 4)
+        measured = self.sensors.cell_voltage(volts, rng, out=work[1])
+        np.round(measured, 4, out=measured)
         keep = ~offline
         for f in active:
-            if isinstance(f.spec, TelemetryDropout):
+            if type(f.spec) is TelemetryDropout:
                 keep[f.packs[rng.random(f.packs.size) < f.spec.loss_fraction]] = False
         temps = getattr(self, "_last_temps", None)
         if temps is None:
@@ -457,23 +513,25 @@ class Emulation:
         idx = np.flatnonzero(keep)
         seq = self.cell_seq[idx].copy()
         self.cell_seq += 1
-        frame = pl.DataFrame(
+        # Each pack's list holds its first ``series`` values, row after row.
+        valid = np.arange(measured.shape[1])[None, :] < series[:, None]
+        valid[~keep] = False
+        return _CellSample(ts, idx, seq, measured[valid], series[idx], np.round(temps[idx], 2))
+
+    def _cells_frame(self, samples: list[_CellSample]) -> pl.DataFrame:
+        """The chunk's cell-voltage frame, built once from its samples (rows in sample order)."""
+        if not samples:
+            return pl.DataFrame(schema=_CELLS_SCHEMA)
+        idx = np.concatenate([c.packs for c in samples])
+        temps = np.concatenate([c.temps_c for c in samples])
+        return pl.DataFrame(
             {
-                "pack": np.asarray(fleet.pack_ids, dtype=object)[idx],
-                "ts_ms": np.full(idx.size, ts, dtype=np.int64),
-                "seq": seq,
-                "v": measured[idx],
-                "n": series[idx],
-                "temps_c": np.round(temps[idx], 2),
-            },
-            schema_overrides={"pack": pl.String},
-        )
-        return frame.select(
-            "pack",
-            "ts_ms",
-            "seq",
-            pl.col("v").arr.to_list().list.head(pl.col("n")).alias("cell_voltages_v"),
-            pl.col("temps_c").arr.to_list(),
+                "pack": _pack_series(self.fleet.pack_ids).gather(idx),
+                "ts_ms": np.concatenate([np.full(c.packs.size, c.ts_ms, dtype=np.int64) for c in samples]),
+                "seq": np.concatenate([c.seq for c in samples]),
+                "cell_voltages_v": _list_series([(c.volts, c.counts) for c in samples]),
+                "temps_c": _list_series([(temps.reshape(-1), np.full(idx.size, temps.shape[1]))]),
+            }
         )
 
     def _truth(self, ts: int, result: object, excluded: B) -> pl.DataFrame:
@@ -525,6 +583,59 @@ class Emulation:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _CellSample:
+    """One cell-voltage sample: the packs not lost, their sequence numbers, voltages and temperatures."""
+
+    ts_ms: int
+    packs: NDArray[np.intp]
+    seq: NDArray[np.int64]
+    volts: F64  # every kept pack's ``counts`` values, pack after pack
+    counts: NDArray[np.int64]
+    temps_c: F64  # (kept packs, sensors)
+
+
+class _TelemetryRows:
+    """A chunk's telemetry samples as ``(samples, packs)`` arrays, filled one sample at a time."""
+
+    def __init__(self, samples: int, n_packs: int) -> None:
+        shape = (samples, n_packs)
+        self.ts_ms = np.empty(samples, dtype=np.int64)
+        self.data: dict[str, NDArray[np.generic]] = {
+            "keep": np.empty(shape, dtype=bool),
+            **{k: np.empty(shape, dtype=_TELE_DTYPES[k]) for k in _TELE_COLUMNS[2:]},
+        }
+        self.rows = 0
+
+    def next_row(self, ts_ms: int) -> int:
+        """Start the next sample at ``ts_ms``; return its row."""
+        row = self.rows
+        self.ts_ms[row] = ts_ms
+        self.rows += 1
+        return row
+
+
+@functools.lru_cache(maxsize=4)
+def _pack_series(pack_ids: tuple[str, ...]) -> pl.Series:
+    """The pack ids as a polars column to gather rows from."""
+    return pl.Series("pack", pack_ids, dtype=pl.String)
+
+
+def _list_series(pieces: list[tuple[F64, NDArray[np.int64]]]) -> pl.Series:
+    """A ``List(Float64)`` column: per piece ``(values, counts)``, row *k* holds the next ``counts[k]`` values.
+
+    Each piece becomes one Arrow chunk, so the values are not copied into one buffer.
+    """
+    chunks = []
+    for values, counts in pieces:
+        offsets = np.zeros(counts.size + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        chunks.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.float64())))
+    out = pl.from_arrow(pa.chunked_array(chunks, type=pa.large_list(pa.float64())))
+    assert isinstance(out, pl.Series)
+    return out
+
+
 _TELE_COLUMNS: Final = (
     "pack",
     "ts_ms",
@@ -554,6 +665,9 @@ _TELE_SCHEMA: Final = {
     "soh_bms": pl.Float64,
     "contactor_closed": pl.Boolean,
     "fault_bits": pl.Int64,
+}
+_TELE_DTYPES: Final = {
+    k: np.int64 if v == pl.Int64 else np.bool_ if v == pl.Boolean else np.float64 for k, v in _TELE_SCHEMA.items()
 }
 _CELLS_SCHEMA: Final = {
     "pack": pl.String,

@@ -41,13 +41,26 @@ N_TEMP_SENSORS: Final = 6
 #: watt of heat relative to the pack's heat transfer (K per K of mean rise).
 _PLACEMENT_SD_C: Final = 0.6
 _GRADIENT_SHARE: Final = 0.5
+#: Where each temperature sensor sits, from the cooling plate (-0.5) to the cells' core (1).
+_SENSOR_POSITION: Final = np.linspace(-0.5, 1.0, N_TEMP_SENSORS)[None, :]
 
 
-def quantise(x: F64, step: float) -> F64:
-    """Round ``x`` to the sensor's resolution ``step`` (no rounding when ``step`` is 0)."""
+def quantise(x: F64, step: float, *, out: F64 | None = None) -> F64:
+    """Round ``x`` to the sensor's resolution ``step`` (no rounding when ``step`` is 0).
+
+    With ``out`` (which may be ``x``), the result is written there instead of a new array.
+    """
     if step <= 0:
-        return x
-    out: F64 = np.round(x / step) * step
+        if out is None or out is x:
+            return x
+        out[...] = x
+        return out
+    if out is None:
+        rounded: F64 = np.round(x / step) * step
+        return rounded
+    np.divide(x, step, out=out)
+    np.round(out, out=out)
+    np.multiply(out, step, out=out)
     return out
 
 
@@ -77,10 +90,24 @@ class SensorModel:
         noisy = i + self.current_offset_a + self.config.current_noise_a * rng.standard_normal(i.shape)
         return quantise(noisy, 0.1)
 
-    def cell_voltage(self, v: F64, rng: np.random.Generator) -> F64:
-        """Measured cell-group voltages (V), any shape."""
-        noisy = v + self.config.cell_voltage_noise_v * rng.standard_normal(v.shape)
-        return quantise(noisy, self.config.cell_voltage_quantum_v)
+    def cell_voltage(self, v: F64, rng: np.random.Generator, *, out: F64 | None = None) -> F64:
+        """Measured cell-group voltages (V), any shape.
+
+        With ``out`` (a float64 array of ``v``'s shape, which may be ``v`` itself), the
+        result is written there: the same values, without temporaries of that size.
+        """
+        if out is None:
+            noisy = v + self.config.cell_voltage_noise_v * rng.standard_normal(v.shape)
+            return quantise(noisy, self.config.cell_voltage_quantum_v)
+        if out is v:
+            noise = rng.standard_normal(v.shape)
+            noise *= self.config.cell_voltage_noise_v
+            np.add(v, noise, out=out)
+        else:
+            rng.standard_normal(out=out)
+            out *= self.config.cell_voltage_noise_v
+            np.add(v, out, out=out)
+        return quantise(out, self.config.cell_voltage_quantum_v, out=out)
 
     def temperatures(self, temp_c: F64, rise_c: F64, rng: np.random.Generator) -> F64:
         """Measured sensor temperatures (P, N_TEMP_SENSORS) from the lumped temperature.
@@ -88,8 +115,7 @@ class SensorModel:
         ``rise_c`` is the pack's heat over its heat transfer (K): sensors near the cells'
         core read up to half of it above the lumped mean, those near the cooling plate less.
         """
-        position = np.linspace(-0.5, 1.0, N_TEMP_SENSORS)[None, :]
-        gradient = _GRADIENT_SHARE * np.maximum(rise_c, 0.0)[:, None] * position
+        gradient = _GRADIENT_SHARE * np.maximum(rise_c, 0.0)[:, None] * _SENSOR_POSITION
         noisy = temp_c[:, None] + self.temp_offsets_c + gradient
         noisy = noisy + self.config.temp_noise_c * rng.standard_normal(noisy.shape)
         return quantise(noisy, self.config.temp_quantum_c)
