@@ -116,6 +116,59 @@ def config_env() -> None:
     console.print(table)
 
 
+@app.command()
+def serve(
+    mqtt_url: Annotated[str | None, typer.Option("--mqtt", help="Broker URL, mqtt://HOST:PORT (MGTWIN_MQTT__URL).")] = None,
+    site: Annotated[str | None, typer.Option(help="Site identifier to subscribe to (MGTWIN_SITE).")] = None,
+    influx: Annotated[
+        str | None, typer.Option("--influx", help="InfluxDB URL, http://HOST:PORT (MGTWIN_INFLUX__URL).")
+    ] = None,
+    influx_db: Annotated[
+        str | None, typer.Option("--influx-db", help="Database (1.x) or bucket (2.x) (MGTWIN_INFLUX__DATABASE).")
+    ] = None,
+    influx_api: Annotated[str | None, typer.Option(help="v1 (/write) or v2 (/api/v2/write).")] = None,
+    health_port: Annotated[int | None, typer.Option(help="Port of /healthz and /metrics on loopback (0: any).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Run the twin service: ingest a site's telemetry, mirror its state, write InfluxDB, publish on MQTT.
+
+    Messages are acknowledged to the broker only after what they produced is written to
+    InfluxDB (or dead-lettered), so nothing is lost if the service or InfluxDB goes down.
+    Credentials come only from the environment or files (MGTWIN_MQTT__PASSWORD,
+    MGTWIN_INFLUX__PASSWORD_FILE, MGTWIN_INFLUX__TOKEN, ...), never from the command line.
+    SIGTERM or Ctrl-C stops gracefully (write, acknowledge, publish offline); a second one forces.
+    """
+    import logging
+
+    from twin.app import Service
+    from twin.config import load_settings
+
+    settings = load_settings(
+        config,
+        site=site,
+        mqtt={"url": mqtt_url},
+        influx={"url": influx, "database": influx_db, "api": influx_api},
+        health={"port": health_port},
+    )
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    service = Service(settings)
+    service.install_signal_handlers()
+    service.start()
+    console.print(
+        f"mgtwin serve: site {settings.site}, broker {settings.mqtt.url}, InfluxDB {settings.influx.url or '(none)'}; "
+        f"health http://{settings.health.host}:{service.health.port if service.health else '-'}/healthz"
+    )
+    while not service.wait(0.5):
+        pass
+    service.close()
+    unwritten = service.stats.counts.get("unwritten_at_stop", 0)
+    if unwritten:
+        err_console.print(f"stopped with {unwritten} messages not written (not acknowledged: the broker keeps them)")
+        raise typer.Exit(1)
+
+
 _UNITS = {"d": 86_400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 

@@ -1,0 +1,136 @@
+"""The state mirror (pure): duplicates, late and skewed samples, staleness, the cap, site aggregates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.test_contract import SAMPLES
+from twin import contract as c
+from twin.pipeline import decode_batch
+from twin.state import CoreOptions, TwinCore
+
+SITE = "demo"
+T0 = 1_767_225_600_000
+
+
+def telemetry(pack: str, seq: int, ts_ms: int, **changes: object) -> tuple[str, bytes]:
+    data = json.loads(c.encode(SAMPLES["pack_telemetry"]))
+    data.update({"pack": pack, "seq": seq, "ts_ms": ts_ms, **changes})
+    return c.topic(c.TopicKind.PACK_TELEMETRY, SITE, pack), json.dumps(data).encode()
+
+
+def meta(pack: str, **changes: object) -> tuple[str, bytes]:
+    data = json.loads(c.encode(SAMPLES["pack_meta"]))
+    data.update({"pack": pack, **changes})
+    return c.topic(c.TopicKind.PACK_META, SITE, pack), json.dumps(data).encode()
+
+
+def status(pack: str, state: str) -> tuple[str, bytes]:
+    return c.topic(c.TopicKind.PACK_STATUS, SITE, pack), c.encode(c.PackStatus(pack=pack, state=state))  # type: ignore[arg-type]
+
+
+def feed(core: TwinCore, messages: list[tuple[str, bytes]], now_ms: int):  # type: ignore[no-untyped-def]
+    decoded = decode_batch([t for t, _ in messages], [p for _, p in messages], site=SITE)
+    assert decoded.rejected() == 0, decoded.rejects
+    return core.ingest(decoded, now_ms=now_ms)
+
+
+@pytest.fixture
+def core() -> TwinCore:
+    return TwinCore(CoreOptions(site=SITE, stale_after_s=30, late_window_s=10, max_clock_skew_s=60, max_packs=3))
+
+
+def test_latest_values_and_duplicates(core: TwinCore) -> None:
+    result = feed(core, [telemetry("P1", 0, T0, voltage_v=300.0), telemetry("P1", 1, T0 + 1000, voltage_v=301.0)], T0)
+    assert result.telemetry.height == 2
+    again = feed(core, [telemetry("P1", 1, T0 + 1000, voltage_v=999.0), telemetry("P1", 2, T0 + 2000, voltage_v=302.0)], T0)
+    assert again.duplicates == 1
+    assert again.telemetry["seq"].to_list() == [2]
+    assert core.packs.values["voltage_v"][core.packs.index["P1"]] == 302.0
+    assert core.counters["duplicate"] == 1
+
+
+def test_out_of_order_within_a_batch_keeps_the_newest(core: TwinCore) -> None:
+    feed(core, [telemetry("P1", 5, T0 + 5000, voltage_v=305.0), telemetry("P1", 4, T0 + 4000, voltage_v=304.0)], T0)
+    assert core.packs.values["voltage_v"][0] == 305.0
+    assert core.packs.last_seq[0] == 5
+
+
+def test_late_samples_are_counted_and_do_not_move_the_mirror_back(core: TwinCore) -> None:
+    feed(core, [telemetry("P1", 100, T0 + 100_000, voltage_v=310.0)], T0 + 100_000)
+    late = feed(core, [telemetry("P1", 50, T0 + 50_000, voltage_v=250.0)], T0 + 100_000)
+    assert late.late == 1
+    assert late.telemetry.height == 1  # it still reaches InfluxDB, at its own event time
+    assert core.packs.values["voltage_v"][0] == 310.0
+
+
+def test_clock_skew_is_refused(core: TwinCore) -> None:
+    result = core.ingest(
+        decode_batch(*zip(*[telemetry("P1", 0, T0 + 3_600_000)], strict=True), site=SITE), now_ms=T0  # type: ignore[call-arg]
+    )
+    assert result.telemetry.height == 0
+    assert result.rejects["reason"].to_list() == ["clock_skew"]
+
+
+def test_cardinality_cap_refuses_new_packs_beyond_it(core: TwinCore) -> None:
+    msgs = [telemetry(f"P{i}", 0, T0) for i in range(5)]
+    decoded = decode_batch([t for t, _ in msgs], [p for _, p in msgs], site=SITE)
+    result = core.ingest(decoded, now_ms=T0)
+    assert len(core.packs.ids) == 3
+    assert result.rejects["reason"].to_list() == ["cardinality_cap"] * 2
+    assert core.counters["cardinality_cap"] == 2
+
+
+def test_staleness_status_and_availability(core: TwinCore) -> None:
+    feed(core, [meta("P1"), meta("P2"), telemetry("P1", 0, T0), telemetry("P2", 0, T0)], T0)
+    assert core.online(T0 + 1000).tolist() == [True, True]
+    assert core.online(T0 + 31_000).tolist() == [False, False]  # stale
+    feed(core, [status("P2", "offline"), telemetry("P1", 1, T0 + 40_000), telemetry("P2", 1, T0 + 40_000)], T0 + 40_000)
+    assert core.online(T0 + 40_000).tolist() == [True, False]  # the gateway's status says offline
+    feed(core, [telemetry("P1", 2, T0 + 41_000, contactor_closed=False)], T0 + 41_000)
+    assert core.available(T0 + 41_000).tolist() == [False, False]
+
+
+def test_site_aggregates_weight_by_capacity_and_leave_out_unavailable_packs(core: TwinCore) -> None:
+    # P1: 100 Ah at SoH 1.0, SoC 0.8; P2: 50 Ah at SoH 0.5, SoC 0.2 (25 Ah usable); P3: offline.
+    feed(
+        core,
+        [
+            meta("P1", rated_capacity_ah=100.0, rated_energy_kwh=36.0),
+            meta("P2", rated_capacity_ah=50.0, rated_energy_kwh=18.0),
+            meta("P3", rated_capacity_ah=100.0, rated_energy_kwh=36.0),
+            telemetry("P1", 0, T0, soc_bms=0.8, soh_bms=1.0),
+            telemetry("P2", 0, T0, soc_bms=0.2, soh_bms=0.5),
+            telemetry("P3", 0, T0 - 120_000, soc_bms=1.0, soh_bms=1.0),
+        ],
+        T0,
+    )
+    site = core.site_frame(T0).row(0, named=True)
+    assert site["packs_total"] == 3
+    assert site["packs_online"] == 2
+    assert site["packs_offline"] == 1
+    # Voltage 360 V nominal for both: weights 100 Ah and 25 Ah.
+    assert site["soc"] == pytest.approx((0.8 * 100 + 0.2 * 25) / 125)
+    floor = core.options.reserve_floor_soc
+    expected = ((0.8 - floor) * 100 + (0.2 - floor) * 25) * 360 / 1000
+    assert site["energy_to_floor_kwh"] == pytest.approx(expected)
+    packs = core.pack_frame(T0)
+    assert packs["online"].to_list() == [True, True, False]
+    assert np.isclose(packs["energy_to_floor_kwh"][0], (0.8 - floor) * 100 * 360 / 1000)
+
+
+def test_empty_batch_changes_nothing(core: TwinCore) -> None:
+    result = core.ingest(decode_batch([], [], site=SITE), now_ms=T0)
+    assert result.telemetry.height == 0
+    assert core.site_frame(T0)["packs_total"].item() == 0
+
+
+def test_site_frame_has_declared_types_when_nothing_is_known(core: TwinCore) -> None:
+    feed(core, [telemetry("P1", 0, T0)], T0)  # no meta yet: no capacity, so no SoC or energy
+    frame = core.site_frame(T0)
+    assert frame["soc"].dtype == frame["energy_to_floor_kwh"].dtype == frame["load_w"].dtype == pl.Float64
+    assert frame["soc"].item() is None

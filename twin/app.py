@@ -1,0 +1,393 @@
+"""Wiring of the live service: MQTT in, the core, InfluxDB and MQTT out, health, signals, shutdown.
+
+Threads: paho's network thread (enqueues only), one worker (everything else, in order),
+and the health endpoint. The worker loops:
+
+1. take a micro-batch from the bounded queue (by count and by age);
+2. decode and validate it in bulk (:func:`twin.pipeline.decode_batch`) and update the
+   mirror (:class:`twin.state.TwinCore`);
+3. render the batch's points (:mod:`twin.points`) and write them to InfluxDB, retrying
+   5xx, 429 and timeouts with capped, jittered backoff for as long as it takes; a 4xx
+   other than 429 is dead-lettered, not retried;
+4. acknowledge the batch's messages, in order, only now: while InfluxDB is down nothing
+   is acknowledged, so the broker holds the backlog (its queue is the durable buffer);
+5. dead-letter refused messages on ``twin/deadletter`` with their reason, and every
+   ``publish.interval_s`` publish the site and pack state (retained, with an expiry) and
+   write the state and the service's own health counters to InfluxDB.
+
+SIGTERM or SIGINT: stop taking messages, finish the batch in hand (write, acknowledge)
+within the deadline, publish ``offline``, exit 0. A second signal exits at once; what was
+not written is not acknowledged, so the broker redelivers it to the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Final
+
+import polars as pl
+
+from twin import __version__
+from twin import contract as c
+from twin.clock import Clock, SystemClock
+from twin.config import Settings
+from twin.io.health import HealthServer
+from twin.io.influx import RetryPolicy, Writer, WriteOutcome, make_writer, write_with_retry
+from twin.io.mqtt import Inbound, MqttLink
+from twin.pipeline import decode_batch
+from twin.points import MEASUREMENTS, render
+from twin.state import CoreOptions, TwinCore
+
+__all__ = ["Service", "ServiceStats"]
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_DEADLINE_S: Final = 10.0
+_DEADLETTER_SAMPLE: Final = 200  # at most this many dead-letter messages per batch are published
+_DTYPES: Final[dict[type, pl.DataType]] = {float: pl.Float64(), int: pl.Int64(), bool: pl.Boolean(), str: pl.String()}
+
+
+@dataclass
+class ServiceStats:
+    """The service's own counters (exported on /metrics and to InfluxDB's twin_health)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    invalid: Counter[str] = field(default_factory=Counter)
+    lag_ms: float = 0.0
+    influx_ok: bool = True
+    influx_error: str | None = None
+    last_write_s: float = 0.0
+    batches: int = 0
+
+
+class Service:
+    """The twin service (``mgtwin serve``).
+
+    Args:
+        settings: validated settings.
+        clock: the wall clock (injected; tests use a manual one).
+        writer: the InfluxDB writer; by default from the settings (None when no URL is set).
+        link: the MQTT link; by default from the settings.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        writer: Writer | None = None,
+        link: MqttLink | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.site = settings.site
+        self.core = TwinCore(
+            CoreOptions(
+                site=settings.site,
+                stale_after_s=settings.ingest.stale_after_s,
+                late_window_s=settings.ingest.late_window_s,
+                max_clock_skew_s=settings.ingest.max_clock_skew_s,
+                max_packs=settings.ingest.max_packs,
+                reserve_floor_soc=settings.estimation.reserve_floor_soc,
+            )
+        )
+        self.writer = writer if writer is not None else (make_writer(settings.influx) if settings.influx.url else None)
+        self.link = link or MqttLink(
+            settings.mqtt,
+            site=settings.site,
+            client_id=settings.client_id,
+            queue_max=settings.ingest.queue_max_messages,
+            version=__version__,
+        )
+        self.stats = ServiceStats()
+        self.stop_event = threading.Event()
+        self._force = threading.Event()
+        self._retry = RetryPolicy(max_s=settings.influx.retry_max_s)
+        self._last_publish_s = 0.0
+        self._published_state: dict[str, float] = {}
+        self.health: HealthServer | None = None
+        self._worker: threading.Thread | None = None
+        self._stopping_since: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect to the broker, start the worker and the health endpoint."""
+        h = self.settings.health
+        self.health = HealthServer(h.host, h.port, health=self.healthz, metrics=self.metrics)
+        self.health.start()
+        self.link.start()
+        self.link.publish_status("online", self.clock.now_ms())
+        self._worker = threading.Thread(target=self._run, name="mgtwin-worker", daemon=True)
+        self._worker.start()
+        log.info("serving site %s (health on %s:%d)", self.site, h.host, self.health.port)
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop (the first SIGTERM); a second call forces it."""
+        if self.stop_event.is_set():
+            self._force.set()
+        self._stopping_since = self._stopping_since or time.monotonic()
+        self.stop_event.set()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the worker to finish; return whether it did."""
+        if self._worker is None:
+            return True
+        self._worker.join(timeout_s)
+        return not self._worker.is_alive()
+
+    def close(self) -> None:
+        """Publish offline, disconnect, stop the health endpoint."""
+        self.link.stop(publish_offline=True)
+        if self.health is not None:
+            self.health.stop()
+
+    def install_signal_handlers(self) -> None:
+        """Route SIGTERM and SIGINT to :meth:`request_stop`."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %s: stopping (again to force)", signal.Signals(signum).name)
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        ingest = self.settings.ingest
+        while not self.stop_event.is_set():
+            try:
+                batch = self.link.take(ingest.batch_max_messages, ingest.batch_max_age_s, self.stop_event)
+                if batch:
+                    self.process(batch)
+                self._maybe_publish_state()
+            except Exception:  # the worker must not die silently: log, count, go on
+                log.exception("error in the worker loop")
+                self.stats.counts["worker_errors"] += 1
+                time.sleep(0.5)
+        # Graceful stop: what is queued was not acknowledged; the broker redelivers it.
+        self._publish_state(force=True)
+
+    def _should_give_up(self) -> bool:
+        if self._force.is_set():
+            return True
+        if self._stopping_since is None:
+            return False
+        return time.monotonic() - self._stopping_since > SHUTDOWN_DEADLINE_S
+
+    def process(self, batch: list[Inbound]) -> bool:
+        """Process one micro-batch end to end; return whether it was acknowledged."""
+        stats = self.stats
+        stats.batches += 1
+        stats.counts["received"] += len(batch)
+        decoded = decode_batch([m.topic for m in batch], [m.payload for m in batch], site=self.site)
+        now_ms = self.clock.now_ms()
+        result = self.core.ingest(decoded, now_ms=now_ms)
+        rejects = pl.concat([decoded.rejects, result.rejects]) if result.rejects.height else decoded.rejects
+        stats.counts["accepted"] += decoded.accepted() - result.rejects.height
+        stats.counts["duplicates"] += result.duplicates
+        stats.counts["late"] += result.late
+        if result.telemetry.height:
+            stats.lag_ms = float(now_ms - int(result.telemetry["ts_ms"].max()))  # type: ignore[arg-type]
+
+        bodies = self._render_batch(result.telemetry, decoded)
+        outcome = self._write(bodies)
+        if outcome is not None and outcome.status == "retry":
+            log.warning("stopping with %d messages not written; the broker will redeliver them", len(batch))
+            stats.counts["unwritten_at_stop"] += len(batch)
+            return False
+        if outcome is not None and outcome.status == "rejected":
+            stats.counts["deadlettered"] += len(batch) - rejects.height
+            self._deadletter_batch(batch, outcome)
+        if rejects.height:
+            self._deadletter(batch, rejects)
+        self.link.ack(batch)
+        return True
+
+    def _render_batch(self, telemetry: pl.DataFrame, decoded: Any) -> list[bytes]:
+        parts = [
+            (telemetry, "pack_telemetry"),
+            (decoded.cells, "pack_cells"),
+            (decoded.site.drop("site"), "site_state"),
+        ]
+        return [self._render(frame, name) for frame, name in parts if frame.height]
+
+    def _render(self, frame: pl.DataFrame, measurement: str) -> bytes:
+        """Render a frame; declared fields the frame does not carry are unknown (null), never 0."""
+        spec = MEASUREMENTS[measurement]
+        missing = [
+            pl.lit(None, dtype=_DTYPES[f.dtype]).alias(f.column or f.field)
+            for f in spec.fields
+            if (f.column or f.field) not in frame.columns and not f.per_element
+        ]
+        missing += [pl.lit(None, dtype=pl.String).alias(t) for t in spec.tags if t != "site" and t not in frame.columns]
+        if missing:
+            frame = frame.with_columns(missing)
+        rendered = render(frame, spec, extra_tags={"site": self.site})
+        self.stats.counts["dropped_fields"] += rendered.dropped_fields
+        return rendered.body
+
+    def _write(self, bodies: list[bytes]) -> WriteOutcome | None:
+        if self.writer is None or not bodies:
+            return None
+        body = b"\n".join(bodies)
+
+        def on_retry(outcome: WriteOutcome, delay: float) -> None:
+            self.stats.counts["write_retries"] += 1
+            if self.stats.influx_ok:
+                log.warning("InfluxDB write failed (%s); retrying with backoff", outcome.message or outcome.http_status)
+            self.stats.influx_ok = False
+            self.stats.influx_error = outcome.message or str(outcome.http_status)
+            del delay
+
+        outcome = write_with_retry(
+            self.writer, body, policy=self._retry, should_stop=self._should_give_up, sleep=time.sleep, on_retry=on_retry
+        )
+        if outcome.status == "ok":
+            if not self.stats.influx_ok:
+                log.info("InfluxDB writes recovered")
+            self.stats.influx_ok = True
+            self.stats.influx_error = None
+            self.stats.last_write_s = time.monotonic()
+            self.stats.counts["written_points"] += body.count(b"\n") + 1
+        elif outcome.status == "rejected":
+            log.error("InfluxDB rejected a batch (%s): dead-lettered", outcome.message)
+        return outcome
+
+    def _deadletter(self, batch: list[Inbound], rejects: pl.DataFrame) -> None:
+        counts = rejects["reason"].value_counts()
+        for reason, n in counts.iter_rows():
+            self.stats.invalid[str(reason)] += int(n)
+        self.stats.counts["invalid"] += rejects.height
+        topic = c.topic(c.TopicKind.TWIN_DEADLETTER, self.site)
+        now = self.clock.now_ms()
+        for row in rejects.head(_DEADLETTER_SAMPLE).iter_rows(named=True):  # rejects are rare; bounded per batch
+            msg_index = int(row["msg"])
+            source = batch[msg_index] if 0 <= msg_index < len(batch) else None
+            letter = c.DeadLetter(
+                topic=(row["topic"] or (source.topic if source else ""))[:1024],
+                reason=row["reason"],
+                detail=str(row["detail"])[:1024],
+                payload_excerpt=(row["payload_excerpt"] or (source.payload[:200].decode(errors="replace") if source else ""))[
+                    :512
+                ],
+                received_ms=now,
+            )
+            self.link.publish(topic, c.encode(letter))
+        self.stats.counts["deadlettered"] += rejects.height
+
+    def _deadletter_batch(self, batch: list[Inbound], outcome: WriteOutcome) -> None:
+        topic = c.topic(c.TopicKind.TWIN_DEADLETTER, self.site)
+        letter = c.DeadLetter(
+            topic=f"{len(batch)} messages from {batch[0].topic}"[:1024] if batch else "",
+            reason="influx_rejected",
+            detail=f"HTTP {outcome.http_status}: {outcome.message}"[:1024],
+            payload_excerpt="",
+            received_ms=self.clock.now_ms(),
+        )
+        self.stats.invalid["influx_rejected"] += len(batch)
+        self.link.publish(topic, c.encode(letter))
+
+    # ------------------------------------------------------------------ outputs
+
+    def _maybe_publish_state(self) -> None:
+        if time.monotonic() - self._last_publish_s >= self.settings.publish.interval_s:
+            self._publish_state(force=False)
+
+    def _publish_state(self, *, force: bool) -> None:
+        """Publish the site and pack state on MQTT and write state and health to InfluxDB."""
+        self._last_publish_s = time.monotonic()
+        now_ms = self.clock.now_ms()
+        if not self.core.packs.ids and self.core.site_row is None:
+            return
+        site = self.core.site_frame(now_ms)
+        packs = self.core.pack_frame(now_ms)
+        expiry = self.settings.publish.expiry_s
+        row = site.row(0, named=True)
+        state = c.TwinState.model_validate({"schema": "twin_state/1", **row})
+        self.link.publish(c.topic(c.TopicKind.TWIN_STATE, self.site), c.encode(state), retain=True, expiry_s=expiry)
+        pack_cols = [k for k in c.TwinPackState.model_fields if k != "schema_"]
+        for prow in packs.select([k for k in pack_cols if k in packs.columns]).iter_rows(named=True):
+            # One retained message per pack per interval; packs that did not change are skipped.
+            key = f"{prow['pack']}"
+            signature = (prow["soc_bms"] or 0.0) + (100.0 if prow["online"] else 0.0)
+            if not force and abs(self._published_state.get(key, -1e9) - signature) < self.settings.publish.change_threshold:
+                continue
+            self._published_state[key] = signature
+            msg = c.TwinPackState.model_validate({"schema": "twin_pack_state/1", **prow})
+            self.link.publish(c.topic(c.TopicKind.TWIN_PACK, self.site, prow["pack"]), c.encode(msg), retain=True,
+                              expiry_s=expiry)
+        if self.writer is not None:
+            health = self._health_frame(now_ms)
+            bodies = [
+                self._render(site.drop("site"), "site_state"),
+                self._render(packs.filter(pl.col("ts_ms") > 0), "pack_state"),
+                self._render(health, "twin_health"),
+            ]
+            outcome = self.writer.write(b"\n".join(b for b in bodies if b))
+            if outcome.status != "ok":
+                self.stats.counts["state_write_failures"] += 1
+
+    def _health_frame(self, now_ms: int) -> pl.DataFrame:
+        """The service's counters as one twin_health row (declared fields first, then the rest)."""
+        s = self.stats
+        data: dict[str, list[float]] = {
+            "received": [float(s.counts["received"])],
+            "accepted": [float(s.counts["accepted"])],
+            "duplicates": [float(s.counts["duplicates"])],
+            "late": [float(s.counts["late"])],
+            "written_points": [float(s.counts["written_points"])],
+            "write_retries": [float(s.counts["write_retries"])],
+            "deadlettered": [float(s.counts["deadlettered"])],
+            "acked": [float(self.link.counters["acked"])],
+            "queue_depth": [float(self.link.queue.qsize())],
+            "lag_ms": [s.lag_ms],
+        }
+        for reason, n in s.invalid.items():
+            data[f"invalid_{reason}"] = [float(n)]
+        for key, value in self.link.counters.items():
+            data[f"mqtt_{key}"] = [float(value)]
+        return pl.DataFrame({"ts_ms": [now_ms], **data})
+
+    # ------------------------------------------------------------------ health
+
+    def metrics(self) -> Mapping[str, float]:
+        """Counters and gauges for /metrics and the twin_health measurement."""
+        s = self.stats
+        out: dict[str, float] = {f"{k}_total": float(v) for k, v in s.counts.items()}
+        for reason, n in s.invalid.items():
+            out[f'invalid_total{{reason="{reason}"}}'] = float(n)
+        for k, v in self.link.counters.items():
+            out[f"mqtt_{k}_total"] = float(v)
+        for k, v in self.core.counters.items():
+            out[f"quality_{k}_total"] = float(v)
+        out["queue_depth"] = float(self.link.queue.qsize())
+        out["queue_capacity"] = float(self.link.queue.maxsize)
+        out["lag_ms"] = s.lag_ms
+        out["influx_ok"] = 1.0 if s.influx_ok else 0.0
+        out["mqtt_connected"] = 1.0 if self.link.connected.is_set() else 0.0
+        out["packs"] = float(len(self.core.packs.ids))
+        return out
+
+    def healthz(self) -> tuple[bool, dict[str, Any]]:
+        """Healthy when connected to the broker, InfluxDB accepts writes, and the queue is not near full."""
+        s = self.stats
+        depth = self.link.queue.qsize()
+        ok = self.link.connected.is_set() and s.influx_ok and depth < 0.9 * self.link.queue.maxsize
+        return ok, {
+            "mqtt_connected": self.link.connected.is_set(),
+            "influx_ok": s.influx_ok,
+            "influx_error": s.influx_error,
+            "queue_depth": depth,
+            "lag_ms": s.lag_ms,
+            "packs": len(self.core.packs.ids),
+            "stopping": self.stop_event.is_set(),
+        }

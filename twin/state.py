@@ -1,0 +1,361 @@
+"""The state mirror: every pack's latest readings, metadata and availability, and the site's aggregates.
+
+Pure and vectorised: :meth:`TwinCore.ingest` takes the decoded frames of one micro-batch
+(see :mod:`twin.pipeline`) and updates per-pack numpy arrays indexed by pack; nothing here
+does I/O or reads a clock (``now_ms`` is passed in, event time in replay, wall time live).
+
+Data-quality rules, per pack (counted in :attr:`TwinCore.counters`):
+
+* **duplicate**: a (pack, seq) already seen within the late window is dropped (a broker
+  redelivery, or a device repeating itself); it changes nothing.
+* **late**: a sample older than the site's watermark (the newest event time seen) minus
+  ``late_window_s`` is counted; it still reaches InfluxDB (its point time is its own event
+  time) but does not move the mirror back in time.
+* **clock skew**: a sample stamped more than ``max_clock_skew_s`` after ``now_ms`` is
+  refused (reason ``clock_skew``): it would make a pack look fresh forever.
+* **stale**: a pack with no telemetry for ``stale_after_s`` is offline, as is a pack whose
+  gateway's retained status (or last will) says so.
+* **cardinality cap**: at most ``max_packs`` distinct packs; telemetry of further packs is
+  refused (reason ``cardinality_cap``), so a flood of random ids cannot blow up InfluxDB.
+
+Until the estimators land, the site's SoC and energy aggregate each pack's BMS-reported
+SoC over its BMS-reported capacity, and say so with the quality flag ``bms_soc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import polars as pl
+from numpy.typing import NDArray
+
+from twin.pipeline import Decoded
+
+__all__ = ["CoreOptions", "IngestResult", "TwinCore"]
+
+F64 = NDArray[np.float64]
+B = NDArray[np.bool_]
+
+_TELEMETRY_VALUES: Final = (
+    "voltage_v",
+    "current_a",
+    "temp_min_c",
+    "temp_max_c",
+    "temp_avg_c",
+    "cell_v_min_v",
+    "cell_v_max_v",
+    "soc_bms",
+    "soh_bms",
+)
+_META_VALUES: Final = (
+    "rated_capacity_ah",
+    "rated_energy_kwh",
+    "voltage_min_v",
+    "voltage_max_v",
+    "current_max_discharge_a",
+    "current_max_charge_a",
+    "temp_max_c",
+)
+_REJECT_SCHEMA: Final = {
+    "msg": pl.Int64,
+    "topic": pl.String,
+    "reason": pl.String,
+    "detail": pl.String,
+    "payload_excerpt": pl.String,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CoreOptions:
+    """Data-quality rules and aggregation options (from :class:`twin.config.Settings`)."""
+
+    site: str
+    stale_after_s: float = 30.0
+    late_window_s: float = 10.0
+    max_clock_skew_s: float = 300.0
+    max_packs: int = 5000
+    reserve_floor_soc: float = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one batch did: the rows that reached the mirror, and further rejects."""
+
+    telemetry: pl.DataFrame  # accepted telemetry rows with chemistry and life tags joined
+    rejects: pl.DataFrame  # rows refused here (clock skew, cardinality cap), same columns as Decoded.rejects
+    duplicates: int
+    late: int
+
+
+@dataclass
+class _Packs:
+    """Per-pack arrays, grown as packs appear (rarely, never per message)."""
+
+    ids: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    values: dict[str, F64] = field(
+        default_factory=lambda: {name: np.zeros(0) for name in (*_TELEMETRY_VALUES, *_META_VALUES)}
+    )
+    last_ts_ms: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    last_seq: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    contactor_closed: B = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    fault_bits: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    status_online: B = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    has_meta: B = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    chemistry: list[str | None] = field(default_factory=list)
+    life: list[str | None] = field(default_factory=list)
+
+    def grow(self, new: list[str]) -> None:
+        n0 = len(self.ids)
+        for i, pack in enumerate(new):
+            self.index[pack] = n0 + i
+        self.ids.extend(new)
+        k = len(new)
+        for name in (*_TELEMETRY_VALUES, *_META_VALUES):
+            self.values[name] = np.concatenate([self.values[name], np.full(k, np.nan)])
+        self.last_ts_ms = np.concatenate([self.last_ts_ms, np.zeros(k, dtype=np.int64)])
+        self.last_seq = np.concatenate([self.last_seq, np.full(k, -1, dtype=np.int64)])
+        self.contactor_closed = np.concatenate([self.contactor_closed, np.ones(k, dtype=bool)])
+        self.fault_bits = np.concatenate([self.fault_bits, np.zeros(k, dtype=np.int64)])
+        self.status_online = np.concatenate([self.status_online, np.ones(k, dtype=bool)])
+        self.has_meta = np.concatenate([self.has_meta, np.zeros(k, dtype=bool)])
+        self.chemistry.extend([None] * k)
+        self.life.extend([None] * k)
+
+
+class TwinCore:
+    """The twin's mirror of the site, updated batch by batch.
+
+    Args:
+        options: data-quality rules and aggregation options.
+
+    Examples:
+        >>> from twin.pipeline import decode_batch
+        >>> core = TwinCore(CoreOptions(site="demo"))
+        >>> payload = (b'{"schema":"pack_telemetry/1","pack":"P1","ts_ms":1767225600000,"seq":0,'
+        ...     b'"voltage_v":380.0,"current_a":10.0,"temp_min_c":24.0,"temp_max_c":26.0,"temp_avg_c":25.0,'
+        ...     b'"cell_v_min_v":3.9,"cell_v_max_v":3.95,"cell_v_min_idx":1,"cell_v_max_idx":2,'
+        ...     b'"soc_bms":0.6,"soh_bms":0.9,"contactor_closed":true}')
+        >>> result = core.ingest(decode_batch(["microgrid/demo/packs/P1/telemetry"], [payload], site="demo"),
+        ...                      now_ms=1767225600500)
+        >>> core.pack_frame(now_ms=1767225601000)["online"].to_list()
+        [True]
+    """
+
+    def __init__(self, options: CoreOptions) -> None:
+        self.options = options
+        self.packs = _Packs()
+        self.watermark_ms = 0
+        self.site_row: dict[str, object] | None = None
+        self._recent = pl.DataFrame(schema={"pack": pl.String, "seq": pl.Int64, "ts_ms": pl.Int64})
+        self.counters: dict[str, int] = {"duplicate": 0, "late": 0, "clock_skew": 0, "cardinality_cap": 0}
+
+    # ------------------------------------------------------------------ ingest
+
+    def _register(self, packs: pl.Series) -> list[str]:
+        """Register unseen packs up to the cap; return those refused."""
+        unseen = [p for p in packs.unique(maintain_order=True).to_list() if p not in self.packs.index]
+        room = max(self.options.max_packs - len(self.packs.ids), 0)
+        if unseen:
+            self.packs.grow(unseen[:room])
+        return unseen[room:]
+
+    def _indices(self, packs: pl.Series) -> NDArray[np.int64]:
+        lookup = pl.DataFrame({"pack": self.packs.ids, "idx": np.arange(len(self.packs.ids), dtype=np.int64)})
+        joined = pl.DataFrame({"pack": packs}).join(lookup, on="pack", how="left", maintain_order="left")
+        return joined["idx"].to_numpy()
+
+    def ingest(self, decoded: Decoded, *, now_ms: int) -> IngestResult:
+        """Update the mirror with one decoded batch.
+
+        Args:
+            decoded: the batch, from :func:`twin.pipeline.decode_batch`.
+            now_ms: the time now (wall clock live; event time in replay), for the skew rule.
+
+        Returns:
+            The telemetry rows that were accepted (tagged with chemistry and life), extra
+            rejects, and the duplicate and late counts.
+        """
+        rejects: list[pl.DataFrame] = []
+        self._apply_meta(decoded.meta)
+        self._apply_status(decoded.status)
+        self._apply_site(decoded.site)
+
+        tele = decoded.telemetry
+        skew_limit = now_ms + int(self.options.max_clock_skew_s * 1000)
+        skewed = tele.filter(pl.col("ts_ms") > skew_limit)
+        if skewed.height:
+            self.counters["clock_skew"] += skewed.height
+            rejects.append(_reject(skewed, "clock_skew", f"timestamp more than {self.options.max_clock_skew_s:g} s ahead"))
+            tele = tele.filter(pl.col("ts_ms") <= skew_limit)
+        refused = self._register(tele["pack"]) if tele.height else []
+        if refused:
+            capped = tele.filter(pl.col("pack").is_in(refused))
+            self.counters["cardinality_cap"] += capped.height
+            rejects.append(_reject(capped, "cardinality_cap", f"more than {self.options.max_packs} packs"))
+            tele = tele.filter(~pl.col("pack").is_in(refused))
+
+        # Duplicates: within the batch, and against what was seen within the late window.
+        before = tele.height
+        tele = tele.unique(subset=["pack", "seq"], keep="first", maintain_order=True)
+        tele = tele.join(self._recent.select("pack", "seq"), on=["pack", "seq"], how="anti", maintain_order="left")
+        duplicates = before - tele.height
+        self.counters["duplicate"] += duplicates
+
+        late = 0
+        if tele.height:
+            horizon = self.watermark_ms - int(self.options.late_window_s * 1000)
+            late = int((tele["ts_ms"] < horizon).sum())
+            self.counters["late"] += late
+            self.watermark_ms = max(self.watermark_ms, int(tele["ts_ms"].max()))  # type: ignore[arg-type]
+            keep_from = self.watermark_ms - int(self.options.late_window_s * 1000)
+            self._recent = pl.concat([self._recent, tele.select("pack", "seq", "ts_ms")]).filter(
+                pl.col("ts_ms") >= keep_from
+            )
+            self._apply_telemetry(tele)
+        tags = pl.DataFrame(
+            {"pack": self.packs.ids, "chemistry": self.packs.chemistry, "life": self.packs.life},
+            schema={"pack": pl.String, "chemistry": pl.String, "life": pl.String},
+        )
+        tagged = tele.join(tags, on="pack", how="left", maintain_order="left")
+        return IngestResult(
+            telemetry=tagged,
+            rejects=pl.concat(rejects) if rejects else pl.DataFrame(schema=_REJECT_SCHEMA),
+            duplicates=duplicates,
+            late=late,
+        )
+
+    def _apply_telemetry(self, tele: pl.DataFrame) -> None:
+        latest = tele.sort("ts_ms").group_by("pack", maintain_order=True).last()
+        idx = self._indices(latest["pack"])
+        newer = latest["ts_ms"].to_numpy() > self.packs.last_ts_ms[idx]
+        idx, rows = idx[newer], latest.filter(pl.Series(newer))
+        p = self.packs
+        for name in _TELEMETRY_VALUES:  # a fixed handful of columns, each updated for all packs at once
+            p.values[name][idx] = rows[name].to_numpy()
+        p.last_ts_ms[idx] = rows["ts_ms"].to_numpy()
+        p.last_seq[idx] = rows["seq"].to_numpy()
+        p.contactor_closed[idx] = rows["contactor_closed"].to_numpy()
+        p.fault_bits[idx] = rows["fault_bits"].to_numpy()
+
+    def _apply_meta(self, meta: pl.DataFrame) -> None:
+        if meta.height == 0:
+            return
+        meta = meta.group_by("pack", maintain_order=True).last()
+        self._register(meta["pack"])
+        known = meta.filter(pl.col("pack").is_in(self.packs.ids))
+        idx = self._indices(known["pack"])
+        for name in _META_VALUES:
+            self.packs.values[name][idx] = known[name].cast(pl.Float64).to_numpy()
+        self.packs.has_meta[idx] = True
+        for i, chem, life in zip(idx, known["chemistry"], known["life"], strict=True):  # per meta message, rare
+            self.packs.chemistry[i] = chem
+            self.packs.life[i] = life
+
+    def _apply_status(self, status: pl.DataFrame) -> None:
+        if status.height == 0:
+            return
+        status = status.group_by("pack", maintain_order=True).last()
+        self._register(status["pack"])
+        known = status.filter(pl.col("pack").is_in(self.packs.ids))
+        idx = self._indices(known["pack"])
+        self.packs.status_online[idx] = (known["state"] == "online").to_numpy()
+
+    def _apply_site(self, site: pl.DataFrame) -> None:
+        if site.height == 0:
+            return
+        row = site.sort("ts_ms").row(-1, named=True)
+        if self.site_row is None or int(row["ts_ms"]) >= int(self.site_row["ts_ms"]):  # type: ignore[call-overload]
+            self.site_row = row
+        self.watermark_ms = max(self.watermark_ms, int(row["ts_ms"]))
+
+    # ------------------------------------------------------------------ views
+
+    def online(self, now_ms: int) -> B:
+        """Which packs are online: gateway status online and telemetry fresher than ``stale_after_s``."""
+        p = self.packs
+        fresh = (now_ms - p.last_ts_ms) <= self.options.stale_after_s * 1000
+        return p.status_online & fresh & (p.last_ts_ms > 0)
+
+    def available(self, now_ms: int) -> B:
+        """Which packs can discharge now: online, contactor closed, no BMS fault, metadata known."""
+        p = self.packs
+        out: B = self.online(now_ms) & p.contactor_closed & (p.fault_bits == 0) & p.has_meta
+        return out
+
+    def pack_frame(self, now_ms: int) -> pl.DataFrame:
+        """Every pack's state in the contract's TwinPackState columns (plus chemistry and life tags)."""
+        p = self.packs
+        v = p.values
+        online = self.online(now_ms)
+        available = self.available(now_ms)
+        floor = self.options.reserve_floor_soc
+        capacity = v["rated_capacity_ah"] * v["soh_bms"]
+        v_nom = v["rated_energy_kwh"] * 1000.0 / v["rated_capacity_ah"]
+        energy = np.clip(v["soc_bms"] - floor, 0.0, None) * capacity * v_nom / 1000.0
+        quality = [["bms_soc"] if ok else ["bms_soc", "offline"] for ok in online]
+        return pl.DataFrame(
+            {
+                "pack": p.ids,
+                "chemistry": p.chemistry,
+                "life": p.life,
+                "ts_ms": np.maximum(p.last_ts_ms, 0),
+                "online": online,
+                "available": available,
+                "soc_bms": v["soc_bms"],
+                "soh_bms": v["soh_bms"],
+                "energy_to_floor_kwh": energy,
+                "quality": quality,
+            },
+            schema_overrides={"chemistry": pl.String, "life": pl.String},
+        ).with_columns(pl.col("soc_bms", "soh_bms", "energy_to_floor_kwh").fill_nan(None))
+
+    def site_frame(self, now_ms: int) -> pl.DataFrame:
+        """The site's state, one row in the contract's TwinState columns."""
+        p = self.packs
+        v = p.values
+        online = self.online(now_ms)
+        available = self.available(now_ms)
+        capacity = np.nan_to_num(v["rated_capacity_ah"] * v["soh_bms"])
+        soc = np.nan_to_num(v["soc_bms"])
+        v_nom = np.nan_to_num(v["rated_energy_kwh"] * 1000.0 / v["rated_capacity_ah"])
+        w = np.where(available, capacity * v_nom, 0.0)
+        total_w = float(w.sum())
+        floor = self.options.reserve_floor_soc
+        energy = float((np.clip(soc - floor, 0.0, None) * w).sum() / 1000.0)
+        max_dis = float(np.where(available, np.nan_to_num(v["current_max_discharge_a"] * v["voltage_v"]), 0.0).sum())
+        site = self.site_row or {}
+        return pl.DataFrame(
+            {
+                "site": [self.options.site],
+                "ts_ms": [max(self.watermark_ms, 0)],
+                "packs_total": [len(p.ids)],
+                "packs_online": [int(online.sum())],
+                "packs_offline": [int((~online).sum())],
+                "packs_excluded": [int((online & ~available).sum())],
+                "load_w": [site.get("load_w")],
+                "solar_w": [site.get("solar_w")],
+                "grid_w": [site.get("grid_w")],
+                "battery_w": [site.get("battery_w")],
+                "soc": [float((soc * w).sum() / total_w) if total_w > 0 else None],
+                "energy_to_floor_kwh": [energy if total_w > 0 else None],
+                "max_discharge_w": [max_dis],
+                "quality": [["bms_soc"]],
+            },
+            schema_overrides={
+                k: pl.Float64
+                for k in ("load_w", "solar_w", "grid_w", "battery_w", "soc", "energy_to_floor_kwh", "max_discharge_w")
+            },
+        )
+
+
+def _reject(frame: pl.DataFrame, reason: str, detail: str) -> pl.DataFrame:
+    return frame.select(
+        pl.col("msg"),
+        pl.lit("").alias("topic"),
+        pl.lit(reason).alias("reason"),
+        pl.lit(detail).alias("detail"),
+        pl.lit("").alias("payload_excerpt"),
+    )
