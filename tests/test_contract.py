@@ -294,3 +294,14 @@ def test_every_model_topic_pairs_up() -> None:
                 c.model_for_topic(kind)
         else:
             assert c.model_for_topic(kind) in c.MESSAGE_MODELS.values()
+
+
+def test_a_trailing_newline_is_not_part_of_a_valid_topic() -> None:
+    with pytest.raises(TopicError):
+        c.parse_topic("microgrid/nevada/packs/P1/telemetry\n")
+
+
+def test_deeply_nested_json_is_refused_not_a_crash() -> None:
+    with pytest.raises(PayloadError) as info:
+        c.decode(b"[" * 5000 + b"]" * 5000)
+    assert info.value.reason == "not_json"

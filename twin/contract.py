@@ -450,7 +450,7 @@ def subscription(kind: TopicKind, site: str) -> str:
 
 
 _PATTERNS: Final = [
-    (kind, re.compile("^" + re.escape(kind.value).replace(r"\{pack\}", "(?P<pack>[^/]+)") + "$"))
+    (kind, re.compile("^" + re.escape(kind.value).replace(r"\{pack\}", "(?P<pack>[^/]+)") + r"\Z"))
     for kind in TopicKind
 ]
 
@@ -551,6 +551,9 @@ def decode(payload: bytes | str, model: type[Message] | None = None) -> Message:
         data = json.loads(payload, parse_constant=_refuse_constant)
     except _NonFiniteError as exc:
         raise PayloadError(str(exc), reason="not_finite") from exc
+    except RecursionError as exc:
+        msg = "payload is not JSON the twin accepts: nested too deeply"
+        raise PayloadError(msg, reason="not_json") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         msg = f"payload is not JSON: {exc}"
         raise PayloadError(msg, reason="not_json") from exc

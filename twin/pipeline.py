@@ -237,7 +237,7 @@ def _utf8_or_none(payload: bytes) -> str | None:
 def _kind_regex() -> str:
     """Return one regex matching the part of a topic after the site, with a group per kind.
 
-    Built like ``contract._PATTERNS``, with Python's ``$`` (end, or before a final newline).
+    Built like ``contract._PATTERNS``: the whole topic, nothing after it (not even a newline).
     """
     bodies = []
     for index, kind in enumerate(TopicKind):
@@ -246,7 +246,7 @@ def _kind_regex() -> str:
             raise TypeError(msg)
         group = f"(?P<k{index}>[^/]+)"
         bodies.append(kind.value.replace("{pack}", group) if "{pack}" in kind.value else f"(?P<k{index}>{kind.value})")
-    return "(?s)^(?:" + "|".join(bodies) + r")\n?$"
+    return "(?s)^(?:" + "|".join(bodies) + r")$"
 
 
 _KIND_RX: Final = _kind_regex()
