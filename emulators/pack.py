@@ -8,19 +8,23 @@ fixed number of numpy operations: there is no Python loop over packs or cells.
 Per cell group *i* of pack *p* (current positive on discharge)::
 
     soc_i'   = -I_eff / (3600 Q_i)                     I_eff = I on discharge, η·I on charge
-    i_f'     = (I - i_f) / τ                           one RC pair, shared time constant per pack
+    i_f1'    = (I - i_f1) / τ1                         fast RC pair, time constant per pack
+    i_f2'    = (I - i_f2) / τ2                         slow RC pair (R2 = 0 for one-RC chemistries)
     h'       = -γ |I| / Q (h + sign I)                 LFP hysteresis state in [-1, 1] (Plett 2004)
-    v_i      = OCV(soc_i) + H(soc_i)·h - R0_i(T, soc_i)·I - R1_i(T, soc_i)·i_f
-    m cp T'  = I² R + I T dU/dT - hA (T - T_env)       lumped per pack
+    v_i      = OCV(soc_i) + H(soc_i)·h - R0_i·I - R1_i·i_f1 - R2_i·i_f2
+    m cp T'  = I² R + i_f1² R1 + i_f2² R2 + I T dU/dT - hA (T - T_env)     lumped per pack
 
-``R0_i = r0_ohm_ah / Q_rated · soc_factor(soc_i) · arrhenius(T) · r_cell_i · r_growth_p``,
+``R0_i = r0_ohm_ah / Q_rated · soc_factor(soc_i) · temp_factor(T) · r_cell_i · r_growth_p``
+(likewise ``R1_i``, ``R2_i``; ``temp_factor`` is the chemistry's, Arrhenius or its measured
+table),
 so cells of one pack differ in capacity, resistance and initial SoC, their voltages spread
 realistically, and the weakest cell sets the pack's limits: the BMS's current limit is the
 largest current that keeps every cell inside [v_min, v_max].
 
 The RC and hysteresis states are per pack rather than per cell: with one time constant per
-pack, ``v1_i = R1_i · i_f`` is exact for a series string (all cells carry the same current),
-and the hysteresis state is normalised, its amplitude ``H(soc_i)`` being per cell.
+pair and pack, ``v_rc,i = (k1 · i_f1 + k2 · i_f2) · r_cell_i`` is exact for a series string
+(all cells carry the same current; ``k1``, ``k2`` are the pairs' resistances per unit cell
+multiplier), and the hysteresis state is normalised, its amplitude ``H(soc_i)`` being per cell.
 
 References:
     Plett, G. L. (2004). Extended Kalman filtering for battery management systems of
@@ -46,7 +50,6 @@ I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
 
 GRID_POINTS: Final = 1001
-_R_GAS: Final = 8.314462618
 _T_REF_K: Final = 298.15
 _KELVIN: Final = 273.15
 #: Connector, busbar and contactor resistance as a share of the string's cell resistance
@@ -153,7 +156,21 @@ class PackParams:
         d["r0_ref"] = per_pack("r0_ohm_ah") / self.rated_group_ah
         d["r1_ref"] = per_pack("r1_ohm_ah") / self.rated_group_ah
         d["tau_s"] = per_pack("tau1_s")
+        d["r2_ref"] = per_pack("r2_ohm_ah") / self.rated_group_ah
+        d["tau2_s"] = per_pack("tau2_s")
         d["ea"] = per_pack("activation_energy_j_per_mol")
+        # The temperature factor as hinges in u = 1/T - 1/T_ref (CellChemistry.temp_factor_hinges):
+        # ln f = const + slope*u + sum_j change_j*max(u - knot_j, 0), padded with zero changes.
+        hinges = [c.temp_factor_hinges() for c in chems]
+        n_knots = max((h[2].size for h in hinges), default=0)
+        knots = np.zeros((len(chems), n_knots))
+        changes = np.zeros((len(chems), n_knots))
+        for row, (_, _, k, ch) in enumerate(hinges):
+            knots[row, : k.size], changes[row, : ch.size] = k, ch
+        d["tf_const"] = np.array([h[0] for h in hinges], dtype=np.float64)[ci]
+        d["tf_slope"] = np.array([h[1] for h in hinges], dtype=np.float64)[ci]
+        d["tf_knots"] = knots[ci]  # (P, J)
+        d["tf_changes"] = changes[ci]  # (P, J)
         d["eta"] = per_pack("coulombic_efficiency")
         d["v_min"] = per_pack("v_min_v")
         d["v_max"] = per_pack("v_max_v")
@@ -243,7 +260,7 @@ class PackBank:
       allocates no ``(P, S)`` temporaries (each costs page faults at this size).
 
     Attributes such as ``soc``, ``capacity_ah``, ``r_cell``, ``r_growth``, ``i_filtered``,
-    ``hyst``, ``temp_c`` may be changed between steps; call :meth:`_invalidate` afterwards
+    ``i_filtered2``, ``hyst``, ``temp_c`` may be changed between steps; call :meth:`_invalidate` afterwards
     so that the voltages and limits follow (writes to ``soc`` are also noticed at the next
     step, as before).
 
@@ -279,7 +296,8 @@ class PackBank:
         self.capacity_ah: F64 = np.where(p.mask, p.capacity_ah, 1.0).astype(np.float64)
         self.r_cell: F64 = np.where(p.mask, p.r_cell, 1.0).astype(np.float64)
         self.r_growth: F64 = np.ones(n)
-        self.i_filtered: F64 = np.zeros(n)
+        self.i_filtered: F64 = np.zeros(n)  # current through the fast RC pair
+        self.i_filtered2: F64 = np.zeros(n)  # ... and through the slow one
         self.hyst: F64 = np.zeros(n)
         self.temp_c: F64 = np.asarray(temp_c, dtype=np.float64).copy()
         self.extra_heat_w: F64 = np.zeros(n)
@@ -305,7 +323,12 @@ class PackBank:
         n, s = p.capacity_ah.shape
         d = p.derived
         self._r0_ref, self._r1_ref, self._tau_s = d("r0_ref"), d("r1_ref"), d("tau_s")
-        self._ea_over_r = d("ea") / _R_GAS
+        self._r2_ref, self._tau2_s = d("r2_ref"), d("tau2_s")
+        self._tf_slope = d("tf_slope")
+        self._tf_const = d("tf_const") if np.any(d("tf_const")) else None
+        self._tf_hinges = [
+            (d("tf_knots")[:, j].copy(), d("tf_changes")[:, j].copy()) for j in range(d("tf_knots").shape[1])
+        ]
         self._eta, self._gamma = d("eta"), d("gamma")
         self._v_min, self._v_max = d("v_min"), d("v_max")
         self._i_dis_max, self._i_chg_max = d("i_dis_max"), d("i_chg_max")
@@ -317,7 +340,7 @@ class PackBank:
         self._row_f = self._row.astype(np.float64)
         cum = p.tables.cum_energy_vh
         self._cum_pairs = cum + 1j * np.append(cum[1:], cum[-1])
-        self._rc_factor: dict[float, F64] = {}
+        self._rc_factor: dict[float, tuple[F64, F64]] = {}
         # Cell tables relative to a reference voltage per chemistry (the OCV at 50 % SoC).
         t = p.tables
         n_chem = len(t.chemistries)
@@ -416,6 +439,17 @@ class PackBank:
         out: F64 = table[i] + slope[i] * ((x - k) / (GRID_POINTS - 1))
         return out
 
+    def _temp_factor(self, temp_c: F64) -> F64:
+        """Each pack's resistance factor at ``temp_c`` (P,): its chemistry's ``temp_factor``."""
+        u = 1.0 / (temp_c + _KELVIN) - 1.0 / _T_REF_K
+        expo = self._tf_slope * u
+        for knot, change in self._tf_hinges:
+            expo += change * np.maximum(u - knot, 0.0)
+        if self._tf_const is not None:
+            expo += self._tf_const
+        out: F64 = np.exp(expo)
+        return out
+
     def _pack_q(self) -> F64:
         return self._pack_q_ah
 
@@ -490,11 +524,11 @@ class PackBank:
         if swap:
             self._ocv, self._ocv_prev = ocv, self._ocv
         temp = self.temp_c
-        arr = np.exp(self._ea_over_r * (1.0 / (temp + _KELVIN) - 1.0 / _T_REF_K))
-        scale = rsoc * arr * self.r_growth
+        scale = rsoc * self._temp_factor(temp) * self.r_growth
         self._k0 = k0 = self._r0_ref * scale
-        self._k1 = self._r1_ref * scale
-        self._g = g = self._k1 * self.i_filtered  # RC voltage per unit cell resistance
+        self._k1 = k1 = self._r1_ref * scale
+        self._k2 = k2 = self._r2_ref * scale
+        self._g = g = k1 * self.i_filtered + k2 * self.i_filtered2  # RC voltage per unit cell resistance
         self._hv = hv = hyst_amp * self.hyst
         ocv_sum = np.einsum("ij,ij->i", ocv, self._w_d).astype(np.float64)
         self._voc_pack: F64 = (self._v_ref + hv) * self._w_sum + ocv_sum - g * self._r_cell_sum
@@ -566,7 +600,7 @@ class PackBank:
         """Return each pack's ohmic resistance at a reference temperature and SoC (Ω)."""
         p, t = self.params, self.params.tables
         rsoc = self._pack_lookup(t.rsoc, t.rsoc_slope, np.full(p.n_packs, soc))
-        arr = np.exp(p.derived("ea") / _R_GAS * (1.0 / (temp_c + _KELVIN) - 1.0 / _T_REF_K))
+        arr = self._temp_factor(np.full(p.n_packs, float(temp_c)))
         out: F64 = p.derived("r0_ref") * rsoc * arr * self.r_growth * self._r_cell_sum * (1.0 + CONNECTOR_SHARE)
         return out
 
@@ -627,18 +661,19 @@ class PackBank:
         self._charge_cache = None
         rc = self._rc_factor.get(dt_s)
         if rc is None:
-            rc = self._rc_factor[dt_s] = 1.0 - np.exp(-dt_s / self._tau_s)
-        self.i_filtered += (current - self.i_filtered) * rc
+            rc = self._rc_factor[dt_s] = (-np.expm1(-dt_s / self._tau_s), -np.expm1(-dt_s / self._tau2_s))
+        self.i_filtered += (current - self.i_filtered) * rc[0]
+        self.i_filtered2 += (current - self.i_filtered2) * rc[1]
         # Plett's hysteresis rate: gamma per ampere-second of throughput relative to the capacity in A·s.
         decay = 1.0 - np.exp(-self._gamma * np.abs(current) * dt_s / (self._pack_q_ah * 3600.0))
         self.hyst -= decay * (self.hyst + np.sign(current))
 
-        # Heat: Joule loss (ohmic and RC), reversible heat, injected fault heat; convection.
+        # Heat: Joule loss (ohmic and both RC pairs), reversible heat, injected fault heat; convection.
         t_k = self.temp_c + _KELVIN
-        r1_pack = self._k1 * self._r_cell_sum
+        i1, i2 = self.i_filtered, self.i_filtered2
         heat = (
             current * current * self._r_pack
-            + self.i_filtered**2 * r1_pack
+            + (i1 * i1 * self._k1 + i2 * i2 * self._k2) * self._r_cell_sum
             - current * t_k * self._entropic * self._series_f  # reversible heat (Bernardi), I > 0 on discharge
             + self.extra_heat_w
         )

@@ -7,8 +7,8 @@ packs by the same dispatch as the live site, until the packs can no longer deliv
 
 To keep this cheap enough to evaluate every few minutes of a long run, each string is
 reduced to two cell groups, its weakest (the one holding the least charge) and the mean
-of the rest, and the simulation takes coarse steps; the RC and hysteresis states are
-integrated exactly, so the coarse step costs little accuracy.
+of the rest, and the simulation takes coarse steps; the two RC states and the hysteresis
+state are integrated exactly, so the coarse step costs little accuracy.
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def reduced_bank(bank: PackBank) -> PackBank:
     out = PackBank(small, temp_c=bank.temp_c.copy())
     out.r_growth = bank.r_growth.copy()
     out.i_filtered = bank.i_filtered.copy()
+    out.i_filtered2 = bank.i_filtered2.copy()
     out.hyst = bank.hyst.copy()
     out.contactor_closed = bank.contactor_closed.copy()
     out.extra_heat_w = bank.extra_heat_w.copy()
-    out._invalidate()  # noqa: SLF001 - same module family; recompute with the copied state
+    out._invalidate()  # same module family: recompute with the copied state
     return out
 
 

@@ -29,6 +29,7 @@ from twin.chemistry import (
     fit,
     fit_arrhenius,
     fit_ecm_from_hppc,
+    fit_rc_pairs_to_record,
     get_chemistry,
     lfp,
     lmo,
@@ -133,7 +134,10 @@ def test_lfp_hysteresis_and_entropy_follow_sony_tables() -> None:
     for name in ("nmc811", "nmc532", "lmo"):
         other = get_chemistry(name)
         assert not np.any(other.hyst_v)
-        assert not np.any(other.entropic_v_per_k)
+        if name != "lmo":
+            assert not np.any(other.entropic_v_per_k)
+    # lmo: one rough mean from the HPPC rests (test_lmo_entropic_coefficient_is_the_hppc_rest_mean).
+    np.testing.assert_allclose(get_chemistry("lmo").entropic_v_per_k, lmo.ENTROPIC_MV_PER_K / MILLI)
 
 
 # -- resistance bands ----------------------------------------------------------------
@@ -197,6 +201,92 @@ def test_arrhenius_factor_is_plausible(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CHEMISTRY_NAMES)
+def test_temp_factor_is_arrhenius_unless_a_table_is_given(name: str) -> None:
+    c = get_chemistry(name)
+    temps = np.linspace(-20.0, 60.0, 33)
+    factors = c.temp_factor(temps)
+    assert float(c.temp_factor(25.0)) == pytest.approx(1.0, abs=1e-15)
+    assert np.all(np.diff(factors) < 0)
+    assert 1.2 <= float(c.temp_factor(10.0)) <= 2.0
+    if not c.temp_table_c:
+        np.testing.assert_allclose(factors, c.arrhenius(temps), rtol=1e-15)
+    else:
+        # The table points are hit, and every resistance follows the table.
+        np.testing.assert_allclose(c.temp_factor(c.temp_table_c), c.temp_table_factor, rtol=1e-12)
+        np.testing.assert_allclose(c.r0_ohm(1.0, 0.5, temps), c.r0_ohm_ah * factors, rtol=1e-12)
+        np.testing.assert_allclose(c.r2_ohm(1.0, 0.5, temps), c.r2_ohm_ah * factors, rtol=1e-12)
+
+
+def _table_variant(temps: tuple[float, ...], factors: tuple[float, ...]) -> CellChemistry:
+    return dataclasses.replace(get_chemistry("nmc811"), temp_table_c=temps, temp_table_factor=factors)
+
+
+def test_temp_factor_table_is_piecewise_arrhenius() -> None:
+    # Four points with knots on both sides of 25 °C: ln f is linear in 1/T on every interval
+    # (its own activation energy) and beyond the ends (the end intervals').
+    temps, factors = (0.0, 15.0, 25.0, 45.0), (3.0, 1.5, 1.0, 0.8)
+    c = _table_variant(temps, factors)
+    t_k = np.array(temps) + 273.15
+    spans = ((-30.0, 15.0), (15.0, 25.0), (25.0, 90.0))  # interval j, the end ones extended
+    for j, (lo, hi) in enumerate(spans):
+        ea = np.log(factors[j] / factors[j + 1]) * base.GAS_CONSTANT_J_PER_MOL_K / (1 / t_k[j] - 1 / t_k[j + 1])
+        t = np.linspace(lo, hi, 9)
+        want = factors[j] * np.exp(ea / base.GAS_CONSTANT_J_PER_MOL_K * (1 / (t + 273.15) - 1 / t_k[j]))
+        np.testing.assert_allclose(c.temp_factor(t), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", [*CHEMISTRY_NAMES, "four_point_table"])
+def test_temp_factor_hinges_reproduce_temp_factor(name: str) -> None:
+    c = (
+        _table_variant((0.0, 15.0, 25.0, 45.0), (3.0, 1.5, 1.0, 0.8))
+        if name == "four_point_table"
+        else get_chemistry(name)
+    )
+    temps = np.linspace(-30.0, 80.0, 111)
+    u = 1.0 / (temps + 273.15) - 1.0 / 298.15
+    constant, slope, knots, changes = c.temp_factor_hinges()
+    log_f = constant + slope * u + (changes[None, :] * np.maximum(u[:, None] - knots[None, :], 0.0)).sum(axis=1)
+    np.testing.assert_allclose(np.exp(log_f), c.temp_factor(temps), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("temps", "factors", "message"),
+    [
+        ((10.0, 25.0), (1.5,), "equal length"),
+        ((25.0,), (1.0,), "at least two"),
+        ((25.0, 10.0), (1.0, 1.5), "strictly increasing"),
+        ((10.0, 40.0), (1.5, 0.9), "factor 1 at 25"),
+        ((10.0, 25.0, 40.0), (1.5, 1.1, 0.9), "factor 1 at 25"),
+        ((10.0, 25.0), (-1.5, 1.0), "positive"),
+    ],
+)
+def test_bad_temperature_tables_are_rejected(
+    temps: tuple[float, ...], factors: tuple[float, ...], message: str
+) -> None:
+    with pytest.raises(ChemistryError, match=message):
+        _table_variant(temps, factors)
+
+
+def test_second_rc_pair_defaults_to_none_and_adds_to_the_dc_resistance() -> None:
+    for name in ("nmc811", "nmc532", "lfp"):
+        c = get_chemistry(name)
+        assert c.r2_ohm_ah == 0.0
+        assert not np.any(c.r2_ohm(1.0, np.linspace(0, 1, 5), 25.0))
+    c = get_chemistry("lmo")
+    assert c.r2_ohm_ah > 0.0
+    assert c.tau2_s > c.tau1_s
+    t = np.array([1.0, 30.0, 300.0, np.inf])
+    want = c.r0_ohm_ah + c.r1_ohm_ah * (1 - np.exp(-t / c.tau1_s)) + c.r2_ohm_ah * (1 - np.exp(-t / c.tau2_s))
+    np.testing.assert_allclose(c.dcir_ohm(1.0, 0.5, 25.0, t), want, rtol=1e-12)
+    with pytest.raises(ChemistryError, match="r2_ohm_ah"):
+        dataclasses.replace(c, r2_ohm_ah=-0.01)
+    with pytest.raises(ChemistryError, match="tau2_s > tau1_s"):
+        dataclasses.replace(c, tau2_s=c.tau1_s)
+    with pytest.raises(ChemistryError, match="tau2_s must be a positive"):
+        dataclasses.replace(get_chemistry("nmc811"), tau2_s=0.0)
+
+
+@pytest.mark.parametrize("name", CHEMISTRY_NAMES)
 def test_soc_factor_is_a_mild_u_with_a_steeper_low_end(name: str) -> None:
     c = get_chemistry(name)
     assert float(c.soc_factor(0.5)) == pytest.approx(1.0)
@@ -248,6 +338,8 @@ def test_methods_broadcast_and_do_not_mutate(name: str) -> None:
     )
     np.testing.assert_allclose(r0, expected, rtol=1e-12)
     assert c.r1_ohm(capacity, soc, 25.0).shape == (3, 7)
+    assert c.r2_ohm(capacity, soc, temps).shape == (3, 7)
+    assert c.temp_factor(temps.reshape(7, 1)).shape == (7, 1)
     assert c.dcir_ohm(33.1, soc, 25.0, np.array([[1.0], [10.0]])).shape == (2, 7)
 
 
@@ -422,8 +514,8 @@ def test_lmo_ecm_equals_fit_on_shipped_hppc_data(hppc_fits: dict[float, EcmFit])
     assert mid.n_pulses == 4
     cap = lmo.RATED_CAPACITY_AH
     assert c.r0_ohm_ah == pytest.approx(round(mid.r0_ohm * cap, lmo.ECM_ROUND_OHM_AH_DECIMALS), abs=1e-12)
-    # The 40-s relaxations see only the fast pair (20.5 mOhm.Ah, 17 s); the shipped pair is the
-    # whole-record fit (test_lmo_rc_pair_is_the_whole_hppc_record_fit).
+    # The 40-s relaxations see only a fast pair (20.5 mOhm.Ah, 17 s); the shipped pairs are the
+    # whole-record fit (test_lmo_rc_pairs_are_the_whole_hppc_record_fit).
     assert round(mid.r1_ohm * cap, lmo.ECM_ROUND_OHM_AH_DECIMALS) == pytest.approx(0.0205, abs=1e-12)
     assert round(mid.tau1_s, lmo.TAU_ROUND_DECIMALS) == pytest.approx(17.0, abs=1e-12)
 
@@ -434,22 +526,10 @@ def test_lmo_ecm_equals_fit_on_shipped_hppc_data(hppc_fits: dict[float, EcmFit])
     assert c.activation_energy_j_per_mol == pytest.approx(round(ea / step) * step, abs=1e-9)
 
 
-# The grid the shipped lmo R1 and tau1 were picked on (twin/chemistry/lmo.py): 1 mΩ·Ah x 5 s.
-LMO_R1_GRID_OHM_AH = np.round(np.arange(0.050, 0.0805, 0.001), 4)
-LMO_TAU1_GRID_S = np.arange(60.0, 160.5, 5.0)
-# Samples below this SoC are left out of the fit (the OCV table and R shape are least sure there).
-LMO_RC_FIT_SOC_MIN = 0.1
-
-
-def _lmo_hppc_rc_rmse(cycling: pl.DataFrame, r1_ohm_ah: FloatArray, tau1_s: FloatArray) -> FloatArray:
-    """Return the time-weighted voltage RMSE (V) of the lmo one-RC model on the 25 °C HPPC record.
-
-    The model is the chemistry's own: OCV table, R0 and SoC shape at 25 °C, SoC counted from 1
-    at the rest after the full charge over the C/15 window's capacity, and one RC pair per
-    (``r1_ohm_ah``, ``tau1_s``) entry, with the current held over each sampling interval.
-    """
-    c = get_chemistry("lmo")
-    q_window_ah = float(
+@pytest.fixture(scope="module")
+def c15_window_ah(cycling: pl.DataFrame) -> float:
+    """Mean C/15 discharge throughput of the five pairs of the OCV table: the lmo SoC window, Ah."""
+    return float(
         np.mean(
             [
                 ocv_from_slow_cycle(_segment(cycling, s), _segment(cycling, s + 2)).discharge_capacity_ah
@@ -457,36 +537,126 @@ def _lmo_hppc_rc_rmse(cycling: pl.DataFrame, r1_ohm_ah: FloatArray, tau1_s: Floa
             ]
         )
     )
-    hppc = leaf_data.hppc_from_full_charge(leaf_data.load_bitrode(leaf_data.DATA_DIR / HPPC_FILES[25.0]))
-    t, i, v = hppc["time_s"].to_numpy(), hppc["current_a"].to_numpy(), hppc["voltage_v"].to_numpy()
-    dt = np.diff(t)
-    soc = 1.0 - np.concatenate(([0.0], np.cumsum(i[1:] * dt))) / 3600.0 / q_window_ah
-    shape = c.soc_factor(soc)
-    decay = np.exp(-dt[:, None] / np.asarray(tau1_s, dtype=np.float64)[None, :])
-    i_rc = np.zeros((t.size, decay.shape[1]))
-    for k in range(1, t.size):
-        i_rc[k] = i_rc[k - 1] + (i[k] - i_rc[k - 1]) * (1.0 - decay[k - 1])
-    cap = lmo.RATED_CAPACITY_AH
-    model = (c.ocv(soc) - c.r0_ohm_ah / cap * shape * i)[:, None] - (
-        np.asarray(r1_ohm_ah)[None, :] / cap * shape[:, None] * i_rc
-    )
-    w = np.zeros_like(t)
-    w[:-1] += 0.5 * dt
-    w[1:] += 0.5 * dt
-    w *= soc >= LMO_RC_FIT_SOC_MIN
-    return np.asarray(np.sqrt(w @ (model - v[:, None]) ** 2 / w.sum()), dtype=np.float64)
 
 
-def test_lmo_rc_pair_is_the_whole_hppc_record_fit(cycling: pl.DataFrame) -> None:
+def _hppc_record(temp_c: float) -> tuple[FloatArray, FloatArray, FloatArray]:
+    df = leaf_data.hppc_from_full_charge(leaf_data.load_bitrode(leaf_data.DATA_DIR / HPPC_FILES[temp_c]))
+    return df["time_s"].to_numpy(), df["current_a"].to_numpy(), df["voltage_v"].to_numpy()
+
+
+def _lmo_pair_fit(
+    temp_c: float, pulses: EcmFit, window_ah: float, *, r0_ohm: float, blocks: bool = True
+) -> fit.TwoRcFit:
+    """Fit the lmo model's two RC pairs to a whole HPPC record (the recipe of twin/chemistry/lmo.py).
+
+    The model is the chemistry's own: OCV table and SoC shape, the given R0, SoC counted from 1
+    at the rest after the full charge over the C/15 window (``current_a[k]`` over
+    ``(t[k-1], t[k]]``), samples with SoC >= ``lmo.RC_FIT_SOC_MIN``; with ``blocks`` the OCV is
+    corrected per pulse-to-pulse block.
+    """
     c = get_chemistry("lmo")
-    r1, tau = (g.ravel() for g in np.meshgrid(LMO_R1_GRID_OHM_AH, LMO_TAU1_GRID_S, indexing="ij"))
-    rmse = _lmo_hppc_rc_rmse(cycling, r1, tau)
-    best = int(np.argmin(rmse))
-    assert (c.r1_ohm_ah, c.tau1_s) == pytest.approx((r1[best], tau[best]), abs=1e-9)
-    assert rmse[best] < 0.0045
-    # The 40-s relaxation pair fits the same record markedly worse.
-    fast = _lmo_hppc_rc_rmse(cycling, np.array([0.0205]), np.array([17.0]))[0]
-    assert fast > rmse[best] + 0.002
+    t, i, v = _hppc_record(temp_c)
+    soc = 1.0 - np.concatenate(([0.0], np.cumsum(i[1:] * np.diff(t)))) / 3600.0 / window_ah
+    return fit_rc_pairs_to_record(
+        t,
+        i,
+        v,
+        ocv_v=c.ocv(soc),
+        r0_ohm=r0_ohm,
+        r_scale=c.soc_factor(soc),
+        weight=(soc >= lmo.RC_FIT_SOC_MIN).astype(np.float64),
+        ocv_blocks=pulses.block_labels(t) if blocks else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def lmo_pair_fits(hppc_fits: dict[float, EcmFit], c15_window_ah: float) -> dict[float, fit.TwoRcFit]:
+    """The block-corrected two-pair fit of every HPPC record (R0: shipped at 25 °C, measured else)."""
+    shipped_r0 = get_chemistry("lmo").r0_ohm_ah / lmo.RATED_CAPACITY_AH
+    return {
+        t: _lmo_pair_fit(
+            t, f, c15_window_ah, r0_ohm=shipped_r0 if t == 25.0 else f.summary(soc_min=0.3, soc_max=0.7).r0_ohm
+        )
+        for t, f in hppc_fits.items()
+    }
+
+
+def test_lmo_rc_pairs_are_the_whole_hppc_record_fit(lmo_pair_fits: dict[float, fit.TwoRcFit]) -> None:
+    c = get_chemistry("lmo")
+    got = lmo_pair_fits[25.0]
+    cap, r_dec, tau_dec = lmo.RATED_CAPACITY_AH, lmo.ECM_ROUND_OHM_AH_DECIMALS, lmo.TAU_ROUND_DECIMALS
+    assert c.r1_ohm_ah == round(got.r1_ohm * cap, r_dec)
+    assert c.tau1_s == round(got.tau1_s, tau_dec)
+    assert c.r2_ohm_ah == round(got.r2_ohm * cap, r_dec)
+    assert c.tau2_s == round(got.tau2_s, tau_dec)
+    assert got.rmse_v < 0.002
+
+
+def test_lmo_fit_without_the_block_correction_follows_the_ocv_table(
+    hppc_fits: dict[float, EcmFit], c15_window_ah: float
+) -> None:
+    # The whole-record fit against the OCV table alone is twice as far off and picks a much
+    # faster slow pair (twin/chemistry/lmo.py): the table's few-mV errors, not the transients.
+    r0 = get_chemistry("lmo").r0_ohm_ah / lmo.RATED_CAPACITY_AH
+    plain = _lmo_pair_fit(25.0, hppc_fits[25.0], c15_window_ah, r0_ohm=r0, blocks=False)
+    assert plain.rmse_v > 0.0035
+    assert plain.tau2_s < 0.5 * get_chemistry("lmo").tau2_s
+
+
+def test_lmo_rc_pairs_depend_more_on_temperature_than_r0(
+    hppc_fits: dict[float, EcmFit], lmo_pair_fits: dict[float, fit.TwoRcFit]
+) -> None:
+    # The evidence quoted in twin/chemistry/lmo.py against one factor for all resistances.
+    r0 = {t: f.summary(soc_min=0.3, soc_max=0.7).r0_ohm for t, f in hppc_fits.items()}
+    ref = lmo_pair_fits[25.0]
+    hot, cold = lmo_pair_fits[40.0], lmo_pair_fits[10.0]
+    assert r0[40.0] / r0[25.0] == pytest.approx(0.97, abs=0.01)
+    assert hot.r1_ohm / ref.r1_ohm == pytest.approx(0.83, abs=0.02)
+    assert hot.r2_ohm / ref.r2_ohm == pytest.approx(0.50, abs=0.02)
+    assert cold.r1_ohm / ref.r1_ohm == pytest.approx(1.72, abs=0.03)
+    assert cold.r2_ohm / ref.r2_ohm == pytest.approx(1.77, abs=0.03)
+
+
+def test_lmo_temperature_table_is_the_hppc_r0_ratio(hppc_fits: dict[float, EcmFit]) -> None:
+    c = get_chemistry("lmo")
+    band = {"soc_min": lmo.ECM_SOC_BAND[0], "soc_max": lmo.ECM_SOC_BAND[1]}
+    r0 = {t: hppc_fits[t].summary(**band).r0_ohm for t in lmo.TEMP_TABLE_C}
+    assert c.temp_table_c == lmo.TEMP_TABLE_C
+    assert c.temp_table_factor == tuple(round(r0[t] / r0[25.0], lmo.TEMP_TABLE_DECIMALS) for t in lmo.TEMP_TABLE_C)
+    # Not Arrhenius: the two intervals' activation energies differ by an order of magnitude.
+    cold = fit_arrhenius([10.0, 25.0], [r0[10.0], r0[25.0]]).ea_j_per_mol
+    hot = fit_arrhenius([25.0, 40.0], [r0[25.0], r0[40.0]]).ea_j_per_mol
+    assert cold > 20_000.0
+    assert 0.0 < hot < 5_000.0
+
+
+def _hppc_rests(temp_c: float) -> tuple[FloatArray, FloatArray]:
+    """Ah from full charge and voltage at the end of every 1-hour rest of an HPPC record."""
+    hppc = leaf_data.steps(
+        leaf_data.hppc_from_full_charge(leaf_data.load_bitrode(leaf_data.DATA_DIR / HPPC_FILES[temp_c]))
+    )
+    t, i = hppc["time_s"].to_numpy(), hppc["current_a"].to_numpy()
+    ah = np.concatenate(([0.0], np.cumsum(0.5 * (i[1:] + i[:-1]) * np.diff(t)))) / 3600.0
+    ends = (
+        hppc.with_row_index("row")
+        .group_by("segment", maintain_order=True)
+        .agg(pl.col("row").last(), pl.col("mode").first(), pl.col("step_time_s").last(), pl.col("voltage_v").last())
+        .filter((pl.col("mode") == "REST") & (pl.col("step_time_s") >= 3000.0))
+    )
+    return ah[ends["row"].to_numpy()], ends["voltage_v"].to_numpy()
+
+
+def test_lmo_entropic_coefficient_is_the_hppc_rest_mean(c15_window_ah: float) -> None:
+    ah25, v25 = _hppc_rests(25.0)
+    ah40, v40 = _hppc_rests(40.0)
+    ah10, v10 = _hppc_rests(10.0)
+    keep = 1.0 - ah25 / c15_window_ah >= lmo.ENTROPIC_SOC_MIN
+    assert keep.sum() == 9
+    hot = (np.interp(ah25, ah40, v40) - v25)[keep] / 15.0 * MILLI  # mV/K
+    assert round(float(hot.mean()), 2) == lmo.ENTROPIC_MV_PER_K
+    # The 10 -> 25 °C interval (slower relaxation, so rougher) gives a positive mean as well.
+    cold = (v25 - np.interp(ah25, ah10, v10))[keep] / 15.0 * MILLI
+    assert 0.0 < float(cold.mean()) < 2.0 * lmo.ENTROPIC_MV_PER_K
 
 
 def _in_notes_range(values_ohm: FloatArray, lo_mohm: float, hi_mohm: float) -> bool:
@@ -553,27 +723,11 @@ def test_lmo_ocv_matches_c15_midpoint(cycling: pl.DataFrame) -> None:
     assert np.max(np.abs(get_chemistry("lmo").ocv(grid) - midpoint)) < 0.020
 
 
-def test_lmo_ocv_matches_hppc_one_hour_rests(cycling: pl.DataFrame) -> None:
+def test_lmo_ocv_matches_hppc_one_hour_rests(c15_window_ah: float) -> None:
     # The 25 °C HPPC rests after each 3 Ah step, placed by Ah from full charge on the
     # C/15 window (capacity = mean C/15 discharge throughput).
-    caps = [
-        ocv_from_slow_cycle(_segment(cycling, s), _segment(cycling, s + 2)).discharge_capacity_ah
-        for s in C15_DISCHARGE_SEGMENTS
-    ]
-    q_window_ah = float(np.mean(caps))
-    hppc = leaf_data.steps(
-        leaf_data.hppc_from_full_charge(leaf_data.load_bitrode(leaf_data.DATA_DIR / HPPC_FILES[25.0]))
-    )
-    t, i = hppc["time_s"].to_numpy(), hppc["current_a"].to_numpy()
-    ah = np.concatenate(([0.0], np.cumsum(0.5 * (i[1:] + i[:-1]) * np.diff(t)))) / 3600.0
-    ends = (
-        hppc.with_row_index("row")
-        .group_by("segment", maintain_order=True)
-        .agg(pl.col("row").last(), pl.col("mode").first(), pl.col("step_time_s").last(), pl.col("voltage_v").last())
-        .filter((pl.col("mode") == "REST") & (pl.col("step_time_s") >= 3000.0))
-    )
-    soc = 1.0 - ah[ends["row"].to_numpy()] / q_window_ah
-    rest_v = ends["voltage_v"].to_numpy()
+    ah, rest_v = _hppc_rests(25.0)
+    soc = 1.0 - ah / c15_window_ah
     keep = soc >= 0.1
     assert keep.sum() >= 8
     err = get_chemistry("lmo").ocv(soc[keep]) - rest_v[keep]
@@ -649,10 +803,72 @@ def test_fit_ecm_rejects_bad_records() -> None:
         fit_ecm_from_hppc(t, -np.ones(100), np.zeros(100))
 
 
+def _two_rc_hppc(ocv_error_v: float) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+    """An exact two-RC response to an ORNL-like HPPC profile (1 s samples, 40-min rests).
+
+    Returns t, i, the measured v, the model's (wrong) OCV along the record, and the true SoC.
+    The model OCV is off from the true one by a smooth ``ocv_error_v * sin(6 pi soc)``.
+    """
+    segments = [(300.0, 0.0)]
+    for _ in range(4):
+        segments += [(30.0, 30.0), (40.0, 0.0), (10.0, -22.5), (1080.0, 10.0), (2400.0, 0.0)]
+    dt = 1.0
+    currents = np.concatenate([np.full(round(d / dt), c) for d, c in segments])
+    t = np.arange(currents.size + 1, dtype=np.float64) * dt
+    i = np.concatenate(([0.0], currents)).astype(np.float64)
+    x = fit._filtered_currents(t, i, np.array([20.0, 400.0]))
+    soc = 1.0 - np.concatenate(([0.0], np.cumsum(i[1:] * dt))) / 3600.0 / 20.0
+    true_ocv = 3.5 + 0.6 * soc
+    v = true_ocv - 1.5e-3 * i - 0.8e-3 * x[:, 0] - 1.2e-3 * x[:, 1]
+    model_ocv = true_ocv + ocv_error_v * np.sin(6.0 * np.pi * soc)
+    return t, i, v, model_ocv, soc
+
+
+def test_fit_rc_pairs_recovers_two_pairs_despite_an_ocv_error() -> None:
+    t, i, v, exact_ocv, _ = _two_rc_hppc(0.0)
+    exact = fit_rc_pairs_to_record(t, i, v, ocv_v=exact_ocv, r0_ohm=1.5e-3)
+    assert (exact.r1_ohm, exact.tau1_s, exact.r2_ohm, exact.tau2_s) == pytest.approx(
+        (0.8e-3, 20.0, 1.2e-3, 400.0), rel=1e-3
+    )
+    assert exact.rmse_v < 1e-5
+
+    t, i, v, wrong_ocv, _ = _two_rc_hppc(0.005)
+    pulses = fit_ecm_from_hppc(t, i, v)
+    assert pulses.n_pulses == 4
+    blocks = pulses.block_labels(t)
+    np.testing.assert_array_equal(np.unique(blocks), np.arange(-1, 4))
+    corrected = fit_rc_pairs_to_record(t, i, v, ocv_v=wrong_ocv, r0_ohm=1.5e-3, ocv_blocks=blocks)
+    assert (corrected.r1_ohm, corrected.tau1_s) == pytest.approx((0.8e-3, 20.0), rel=0.05)
+    assert (corrected.r2_ohm, corrected.tau2_s) == pytest.approx((1.2e-3, 400.0), rel=0.05)
+    # Against the wrong OCV alone, the pairs take up part of the table's error.
+    plain = fit_rc_pairs_to_record(t, i, v, ocv_v=wrong_ocv, r0_ohm=1.5e-3)
+    truth = np.array([0.8e-3, 20.0, 1.2e-3, 400.0])
+
+    def worst(f: fit.TwoRcFit) -> float:
+        return float(np.max(np.abs(np.array([f.r1_ohm, f.tau1_s, f.r2_ohm, f.tau2_s]) / truth - 1.0)))
+
+    assert worst(corrected) < 0.5 * worst(plain)
+    assert plain.rmse_v > 2.0 * corrected.rmse_v
+
+
+def test_fit_rc_pairs_rejects_bad_arguments() -> None:
+    t, i, v, ocv, _ = _two_rc_hppc(0.0)
+    with pytest.raises(ChemistryError, match="tau1 bounds < tau2 bounds"):
+        fit_rc_pairs_to_record(t, i, v, ocv_v=ocv, r0_ohm=1e-3, tau1_bounds_s=(2.0, 100.0), tau2_bounds_s=(60.0, 900.0))
+    with pytest.raises(ChemistryError, match="integer labels"):
+        fit_rc_pairs_to_record(t, i, v, ocv_v=ocv, r0_ohm=1e-3, ocv_blocks=np.zeros(t.size))
+    with pytest.raises(ChemistryError, match="leave some samples"):
+        fit_rc_pairs_to_record(t, i, v, ocv_v=ocv, r0_ohm=1e-3, weight=0.0)
+    with pytest.raises(ChemistryError, match="finite"):
+        fit_rc_pairs_to_record(t, i, v, ocv_v=np.full(t.size, np.nan), r0_ohm=1e-3)
+    with pytest.raises(ChemistryError, match="differ in length"):
+        fit_rc_pairs_to_record(t, i[1:], v, ocv_v=ocv, r0_ohm=1e-3)
+
+
 def test_fit_arrhenius_recovers_activation_energy() -> None:
     temps = np.array([0.0, 10.0, 25.0, 40.0])
     t_k = temps + 273.15
-    r = 1.5e-3 * np.exp(30_000.0 / fit.GAS_CONSTANT_J_PER_MOL_K * (1 / t_k - 1 / 298.15))
+    r = 1.5e-3 * np.exp(30_000.0 / base.GAS_CONSTANT_J_PER_MOL_K * (1 / t_k - 1 / 298.15))
     result = fit_arrhenius(temps, r)
     assert result.ea_j_per_mol == pytest.approx(30_000.0, rel=1e-9)
     assert result.r_ref_ohm == pytest.approx(1.5e-3, rel=1e-9)

@@ -4,7 +4,9 @@
 holds per-cell voltages in float32 and fills padded cells with values that never win a
 reduction (see its docstring). ``_Reference`` below is the same model written the direct
 way: every cell's SoC integrated on its own, an OCV lookup per cell, masked reductions, all
-in float64. Both are driven with the same requests, including past the BMS limits, through
+in float64, both RC pairs updated on their own, and every pack's temperature factor taken
+from its chemistry's :meth:`~twin.chemistry.CellChemistry.temp_factor` (Arrhenius, or the
+lmo table). Both are driven with the same requests, including past the BMS limits, through
 aging, a weak cell, outside writes of the SoC and coarse steps that leave the SoC table,
 and must agree far below what any sensor resolves.
 """
@@ -24,8 +26,6 @@ from twin.chemistry import get_chemistry
 
 F64 = NDArray[np.float64]
 
-_R_GAS = 8.314462618
-_T_REF_K = 298.15
 _KELVIN = 273.15
 
 
@@ -40,6 +40,7 @@ class _Reference:
         self.r_cell = np.where(p.mask, p.r_cell, 1.0).astype(np.float64)
         self.r_growth = np.ones(n)
         self.i_filtered = np.zeros(n)
+        self.i_filtered2 = np.zeros(n)
         self.hyst = np.zeros(n)
         self.temp_c = np.asarray(temp_c, dtype=np.float64).copy()
         self.extra_heat_w = np.zeros(n)
@@ -71,12 +72,17 @@ class _Reference:
         ocv = self._lookup(t.ocv_v, t.ocv_slope, self.soc, self._row)
         row = self._row[:, 0]
         rsoc = self._lookup(t.rsoc, t.rsoc_slope, self._soc_mean, row)
-        arr = np.exp(p.derived("ea") / _R_GAS * (1.0 / (self.temp_c + _KELVIN) - 1.0 / _T_REF_K))
+        arr = np.empty(p.n_packs)
+        for index, chemistry in enumerate(t.chemistries):
+            packs = p.chem_index == index
+            arr[packs] = chemistry.temp_factor(self.temp_c[packs])
         scale = rsoc * arr * self.r_growth
         self._k0 = p.derived("r0_ref") * scale
         self._k1 = p.derived("r1_ref") * scale
+        self._k2 = p.derived("r2_ref") * scale
         hyst_v = self._lookup(t.hyst_v, t.hyst_slope, self._soc_mean, row) * self.hyst
-        self._voc = ocv - (self._k1 * self.i_filtered)[:, None] * self.r_cell + hyst_v[:, None]
+        v_rc = self._k1 * self.i_filtered + self._k2 * self.i_filtered2
+        self._voc = ocv - v_rc[:, None] * self.r_cell + hyst_v[:, None]
         self._voc_pack = (self._voc * p.weight).sum(axis=1)
         self._r_pack = self._k0 * self._r_sum * (1.0 + CONNECTOR_SHARE)
         r_conn = 1.0 / (self._k0 * (1.0 + CONNECTOR_SHARE))
@@ -103,6 +109,7 @@ class _Reference:
         eff = np.where(current < 0.0, p.derived("eta") * current, current)
         self.soc -= (eff * (dt_s / 3600.0))[:, None] * self._inv_cap
         self.i_filtered += (current - self.i_filtered) * (1.0 - np.exp(-dt_s / p.derived("tau_s")))
+        self.i_filtered2 += (current - self.i_filtered2) * (1.0 - np.exp(-dt_s / p.derived("tau2_s")))
         decay = 1.0 - np.exp(-p.derived("gamma") * np.abs(current) * dt_s / (self._pack_q * 3600.0))
         self.hyst -= decay * (self.hyst + np.sign(current))
         entropic = t.entropic_v_per_k[
@@ -111,6 +118,7 @@ class _Reference:
         heat = (
             current * current * self._r_pack
             + self.i_filtered**2 * self._k1 * self._r_sum
+            + self.i_filtered2**2 * self._k2 * self._r_sum
             - current * (self.temp_c + _KELVIN) * entropic * p.series
             + self.extra_heat_w
         )
@@ -239,12 +247,13 @@ def test_fleet_matches_the_reference_through_limits_aging_and_faults(cell_level:
 def _hand_built(mask: NDArray[np.bool_], *, soc0: float, seed: int) -> PackParams:
     rng = np.random.default_rng(seed)
     n, s = mask.shape
-    tables = ChemistryTables.build([get_chemistry("nmc811"), get_chemistry("lfp")])
+    # lmo has two RC pairs and a tabulated temperature factor; the others one pair and Arrhenius.
+    tables = ChemistryTables.build([get_chemistry("nmc811"), get_chemistry("lfp"), get_chemistry("lmo")])
     weight = np.where(mask, rng.uniform(0.5, 3.0, mask.shape), 0.0)
     series = np.round(weight.sum(axis=1)).astype(np.int64)
     weight *= (series / weight.sum(axis=1))[:, None]
     return PackParams(
-        chem_index=np.arange(n) % 2,
+        chem_index=np.arange(n) % 3,
         series=series,
         parallel=np.ones(n, dtype=np.int64),
         rated_group_ah=np.full(n, 50.0),

@@ -32,8 +32,10 @@ from twin.chemistry.fit import (
     EcmFit,
     EcmSummary,
     OcvFromCycle,
+    TwoRcFit,
     fit_arrhenius,
     fit_ecm_from_hppc,
+    fit_rc_pairs_to_record,
     ocv_from_slow_cycle,
 )
 
@@ -48,9 +50,11 @@ __all__ = [
     "EcmSummary",
     "Family",
     "OcvFromCycle",
+    "TwoRcFit",
     "ValidityRange",
     "fit_arrhenius",
     "fit_ecm_from_hppc",
+    "fit_rc_pairs_to_record",
     "get_chemistry",
     "load_table",
     "ocv_from_slow_cycle",

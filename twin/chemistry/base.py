@@ -2,7 +2,8 @@
 
 A :class:`CellChemistry` is one cell type as data: an OCV table, hysteresis and entropic
 tables on the same SoC grid, a one-RC equivalent circuit normalised by capacity
-(``R x Ah``), an Arrhenius temperature factor, a mild U-shaped SoC factor, thermal
+(``R x Ah``) with an optional second (slow) RC pair, a temperature factor (Arrhenius, or
+interpolated in a measured table), a mild U-shaped SoC factor, thermal
 properties per Ah, current limits, the range the numbers are valid over, and the name of
 the aging law that goes with it. Every number carries its provenance in ``provenance``
 and in the docstring of the module that defines it (``nmc811.py``, ``nmc532.py``,
@@ -15,8 +16,15 @@ Conventions (written once, here, for the chemistry package):
 - resistances scale with ``1 / capacity_ah``, where ``capacity_ah`` is the cell's
   **rated (beginning-of-life) capacity**: resistance growth with age is the aging law's
   job, not a side effect of capacity fade;
-- the ECM is ``v = ocv(soc) - h - i*R0 - v1`` with ``dv1/dt = (i*R1 - v1)/tau1`` and
-  ``R0``/``R1`` from :meth:`CellChemistry.r0_ohm`/:meth:`CellChemistry.r1_ohm`;
+- the ECM is ``v = ocv(soc) - h - i*R0 - v1 - v2`` with ``dv1/dt = (i*R1 - v1)/tau1``,
+  ``dv2/dt = (i*R2 - v2)/tau2`` and ``R0``/``R1``/``R2`` from :meth:`CellChemistry.r0_ohm`,
+  :meth:`CellChemistry.r1_ohm` and :meth:`CellChemistry.r2_ohm`. The second pair is the
+  slow one (``tau2 > tau1``); ``R2 = 0`` (the default) leaves a one-RC model;
+- every resistance is ``R x Ah / capacity_ah * soc_factor(soc) * temp_factor(temp_c)``.
+  :meth:`CellChemistry.temp_factor` is Arrhenius in ``activation_energy_j_per_mol`` unless
+  the chemistry gives a measured table (``temp_table_c``, ``temp_table_factor``); then
+  ``ln(factor)`` is interpolated linearly in ``1/T`` between the table points (piecewise
+  Arrhenius) and extrapolated with the end segments' slopes;
 - hysteresis follows Plett's one-state model,
   ``dh/dt = -gamma*|i|/Q*(h - sign(i)*H(soc))``, with ``Q = 3600 * capacity_ah`` in A·s,
   ``gamma = hyst_rate_per_as`` and ``H = hysteresis_v(soc)``. ``h`` tends to ``+H`` on
@@ -82,6 +90,7 @@ _POSITIVE_FIELDS = (
     "r0_ohm_ah",
     "r1_ohm_ah",
     "tau1_s",
+    "tau2_s",
     "activation_energy_j_per_mol",
     "r_low_soc_width",
     "coulombic_efficiency",
@@ -168,7 +177,7 @@ def _readonly(name: str, chemistry: str, values: npt.ArrayLike) -> FloatArray:
 
 @dataclass(frozen=True, slots=True, eq=False, repr=False)
 class CellChemistry:
-    """One cell type: OCV, hysteresis, entropy, a one-RC ECM per Ah, thermal data and limits.
+    """One cell type: OCV, hysteresis, entropy, a one- or two-RC ECM per Ah, thermal data and limits.
 
     Instances are immutable, their arrays read-only, and they compare by identity (the
     registry holds one instance per name). Derive a variant with
@@ -193,9 +202,10 @@ class CellChemistry:
             capacity in A·s; see the module docstring).
         entropic_v_per_k: entropic coefficient dOCV/dT on ``soc_grid``, V/K.
         r0_ohm_ah: ohmic resistance times rated capacity at 25 °C and 50 % SoC, Ω·Ah.
-        r1_ohm_ah: RC-pair resistance times rated capacity at 25 °C and 50 % SoC, Ω·Ah.
-        tau1_s: RC-pair time constant, s.
-        activation_energy_j_per_mol: Arrhenius activation energy of R0 and R1, J/mol.
+        r1_ohm_ah: (fast) RC-pair resistance times rated capacity at 25 °C and 50 % SoC, Ω·Ah.
+        tau1_s: (fast) RC-pair time constant, s.
+        activation_energy_j_per_mol: Arrhenius activation energy of all the resistances,
+            J/mol (used by :meth:`temp_factor` when there is no temperature table).
         r_soc_curvature: quadratic part of the SoC factor, the fractional rise at SoC 0
             and 1 relative to 50 %.
         r_low_soc_gain: extra fractional rise at SoC 0 (exponential, below ~10 % SoC).
@@ -209,6 +219,13 @@ class CellChemistry:
         max_discharge_c: largest continuous discharge current over rated capacity, 1/h.
         validity: where the numbers are backed by data.
         aging_model: name of the aging law in ``twin.chemistry.aging`` for this cell type.
+        r2_ohm_ah: second (slow) RC-pair resistance times rated capacity at 25 °C and 50 %
+            SoC, Ω·Ah; 0 (the default) for a one-RC model.
+        tau2_s: second RC-pair time constant, s; must exceed ``tau1_s`` when ``r2_ohm_ah > 0``
+            (the default 1 s is a placeholder, unused while ``r2_ohm_ah`` is 0).
+        temp_table_c: temperatures of a measured resistance-temperature table, °C,
+            strictly increasing and including 25 °C; empty (the default) for Arrhenius.
+        temp_table_factor: ``R(T)/R(25 °C)`` at ``temp_table_c`` (1 at 25 °C), positive.
     """
 
     name: str
@@ -239,7 +256,13 @@ class CellChemistry:
     max_discharge_c: float
     validity: ValidityRange
     aging_model: str
+    r2_ohm_ah: float = 0.0
+    tau2_s: float = 1.0
+    temp_table_c: tuple[float, ...] = ()
+    temp_table_factor: tuple[float, ...] = ()
     _docv_dsoc_v: FloatArray = field(init=False, repr=False)
+    _temp_u: FloatArray = field(init=False, repr=False)
+    _temp_log_f: FloatArray = field(init=False, repr=False)
     _soc_norm: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -253,6 +276,7 @@ class CellChemistry:
         self._check_labels()
         self._freeze_and_check_tables()
         self._check_scalars()
+        self._check_temp_table()
         self._check_voltages()
         slope = np.gradient(self.ocv_v, self.soc_grid)
         slope.flags.writeable = False
@@ -312,6 +336,44 @@ class CellChemistry:
         if self.coulombic_efficiency > 1.0:
             msg = f"{self.name}: coulombic_efficiency must be <= 1, got {self.coulombic_efficiency}"
             raise ChemistryError(msg)
+        if not (finite_number(self.r2_ohm_ah) and self.r2_ohm_ah >= 0.0):
+            msg = f"{self.name}: r2_ohm_ah must be a finite number >= 0, got {self.r2_ohm_ah!r}"
+            raise ChemistryError(msg)
+        if self.r2_ohm_ah > 0.0 and not self.tau2_s > self.tau1_s:
+            msg = f"{self.name}: the second RC pair is the slow one: need tau2_s > tau1_s, got {self.tau2_s}"
+            raise ChemistryError(msg)
+
+    def _check_temp_table(self) -> None:
+        try:
+            temps = np.array(self.temp_table_c, dtype=np.float64)
+            factors = np.array(self.temp_table_factor, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            msg = f"{self.name}: temp_table_c and temp_table_factor must hold numbers"
+            raise ChemistryError(msg) from exc
+        if temps.ndim != 1 or temps.shape != factors.shape:
+            msg = f"{self.name}: temp_table_c and temp_table_factor must be 1-D and of equal length"
+            raise ChemistryError(msg)
+        # Any sequence is accepted; keep plain tuples of floats (hashable, and safe to test for emptiness).
+        object.__setattr__(self, "temp_table_c", tuple(float(x) for x in temps))
+        object.__setattr__(self, "temp_table_factor", tuple(float(x) for x in factors))
+        if temps.size:
+            if temps.size < 2 or not (np.all(np.isfinite(temps)) and np.all(np.diff(temps) > 0.0)):
+                msg = f"{self.name}: temp_table_c needs at least two strictly increasing finite temperatures"
+                raise ChemistryError(msg)
+            if not (np.all(np.isfinite(factors)) and np.all(factors > 0.0)):
+                msg = f"{self.name}: temp_table_factor must be positive and finite"
+                raise ChemistryError(msg)
+            at_ref = np.flatnonzero(temps == REFERENCE_TEMP_C)
+            if at_ref.size != 1 or factors[at_ref[0]] != 1.0:
+                msg = f"{self.name}: the temperature table must hold the factor 1 at {REFERENCE_TEMP_C} °C"
+                raise ChemistryError(msg)
+        # u = 1/T - 1/T_ref increases as T falls: store the table in increasing u.
+        u = (1.0 / (temps + _KELVIN_OFFSET) - 1.0 / (REFERENCE_TEMP_C + _KELVIN_OFFSET))[::-1].copy()
+        log_f = np.log(factors)[::-1].copy()
+        u.flags.writeable = False
+        log_f.flags.writeable = False
+        object.__setattr__(self, "_temp_u", u)
+        object.__setattr__(self, "_temp_log_f", log_f)
 
     def _check_voltages(self) -> None:
         if not self.v_min_v < self.v_nominal_v < self.v_max_v:
@@ -330,12 +392,17 @@ class CellChemistry:
 
     def __repr__(self) -> str:
         """Return a one-line summary (the tables are left out)."""
+        pair2 = f"r2={self.r2_ohm_ah * 1e3:.1f} mOhm.Ah, tau2={self.tau2_s:g} s, " if self.r2_ohm_ah > 0.0 else ""
+        if self.temp_table_c:
+            table = zip(self.temp_table_c, self.temp_table_factor, strict=True)
+            temperature = f"R(T)/R(25 C)=[{', '.join(f'{f:g} at {t:g} C' for t, f in table)}]"
+        else:
+            temperature = f"Ea={self.activation_energy_j_per_mol / 1e3:.1f} kJ/mol"
         return (
             f"CellChemistry(name={self.name!r}, family={self.family!r}, "
             f"ocv={self.ocv_v[0]:.3f}-{self.ocv_v[-1]:.3f} V on {self.soc_grid.size} points, "
             f"r0={self.r0_ohm_ah * 1e3:.1f} mOhm.Ah, r1={self.r1_ohm_ah * 1e3:.1f} mOhm.Ah, "
-            f"tau1={self.tau1_s:g} s, Ea={self.activation_energy_j_per_mol / 1e3:.1f} kJ/mol, "
-            f"aging_model={self.aging_model!r})"
+            f"tau1={self.tau1_s:g} s, {pair2}{temperature}, aging_model={self.aging_model!r})"
         )
 
     # -- open-circuit voltage -------------------------------------------------------
@@ -414,6 +481,59 @@ class CellChemistry:
         exponent = self.activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K * (1.0 / t_k - 1.0 / t_ref_k)
         return np.asarray(np.exp(exponent), dtype=np.float64)
 
+    def temp_factor(self, temp_c: npt.ArrayLike) -> FloatArray:
+        """Return the resistance factor ``R(T)/R(25 °C)`` that every resistance is scaled by.
+
+        Without a temperature table this is :meth:`arrhenius`. With one, ``ln(factor)`` is
+        interpolated linearly in ``u = 1/T - 1/T_ref`` (``T`` in kelvin) between the table
+        points, i.e. Arrhenius with a different activation energy on each interval, and
+        extrapolated with the slope of the nearest end interval.
+
+        Args:
+            temp_c: cell temperature, °C.
+
+        Returns:
+            The factor with the shape of ``temp_c`` (1 at 25 °C).
+
+        Examples:
+            >>> lmo = get_chemistry("lmo")
+            >>> [round(float(lmo.temp_factor(t)), 3) for t in (10.0, 25.0, 40.0)]
+            [1.649, 1.0, 0.968]
+        """
+        if not self.temp_table_c:
+            return self.arrhenius(temp_c)
+        t_k = np.asarray(temp_c, dtype=np.float64) + _KELVIN_OFFSET
+        u = 1.0 / t_k - 1.0 / (REFERENCE_TEMP_C + _KELVIN_OFFSET)
+        knots, log_f = self._temp_u, self._temp_log_f
+        inner = np.interp(u, knots, log_f)
+        low_slope = (log_f[1] - log_f[0]) / (knots[1] - knots[0])
+        high_slope = (log_f[-1] - log_f[-2]) / (knots[-1] - knots[-2])
+        log_factor = np.where(
+            u < knots[0],
+            log_f[0] + low_slope * (u - knots[0]),
+            np.where(u > knots[-1], log_f[-1] + high_slope * (u - knots[-1]), inner),
+        )
+        return np.asarray(np.exp(log_factor), dtype=np.float64)
+
+    def temp_factor_hinges(self) -> tuple[float, float, FloatArray, FloatArray]:
+        """Return :meth:`temp_factor` as a sum of hinges, for vectorised evaluation per pack.
+
+        ``ln(temp_factor) = constant + slope*u + sum_j change_j*max(u - knot_j, 0)`` with
+        ``u = 1/T - 1/T_ref`` (kelvin); exact for both the Arrhenius and the table form.
+
+        Returns:
+            ``(constant, slope, knots, changes)``: the constant (0 for Arrhenius); the slope
+            below the first knot, K; the interior knots in ``u``, 1/K (empty for Arrhenius or
+            a two-point table); the change of slope at each knot, K.
+        """
+        if not self.temp_table_c:
+            empty = np.zeros(0)
+            return 0.0, self.activation_energy_j_per_mol / GAS_CONSTANT_J_PER_MOL_K, empty, empty.copy()
+        knots, log_f = self._temp_u, self._temp_log_f
+        slopes = np.diff(log_f) / np.diff(knots)
+        constant = float(log_f[0] - slopes[0] * knots[0])
+        return constant, float(slopes[0]), knots[1:-1].copy(), np.diff(slopes)
+
     def _soc_shape(self, s: FloatArray | np.float64) -> FloatArray:
         return np.asarray(
             1.0 + self.r_soc_curvature * (2.0 * s - 1.0) ** 2 + self.r_low_soc_gain * np.exp(-s / self.r_low_soc_width),
@@ -439,7 +559,7 @@ class CellChemistry:
     def r0_ohm(self, capacity_ah: npt.ArrayLike, soc: npt.ArrayLike, temp_c: npt.ArrayLike) -> FloatArray:
         """Return the ohmic resistance of a cell, Ω.
 
-        ``R0 = r0_ohm_ah / capacity_ah * soc_factor(soc) * arrhenius(temp_c)``.
+        ``R0 = r0_ohm_ah / capacity_ah * soc_factor(soc) * temp_factor(temp_c)``.
 
         Args:
             capacity_ah: rated (beginning-of-life) capacity of the cell, Ah.
@@ -450,10 +570,10 @@ class CellChemistry:
             R0 broadcast over the three arguments, Ω.
         """
         cap = np.asarray(capacity_ah, dtype=np.float64)
-        return np.asarray(self.r0_ohm_ah / cap * self.soc_factor(soc) * self.arrhenius(temp_c), dtype=np.float64)
+        return np.asarray(self.r0_ohm_ah / cap * self.soc_factor(soc) * self.temp_factor(temp_c), dtype=np.float64)
 
     def r1_ohm(self, capacity_ah: npt.ArrayLike, soc: npt.ArrayLike, temp_c: npt.ArrayLike) -> FloatArray:
-        """Return the RC-pair resistance of a cell, Ω (same scaling as :meth:`r0_ohm`).
+        """Return the (fast) RC-pair resistance of a cell, Ω (same scaling as :meth:`r0_ohm`).
 
         Args:
             capacity_ah: rated (beginning-of-life) capacity of the cell, Ah.
@@ -464,15 +584,29 @@ class CellChemistry:
             R1 broadcast over the three arguments, Ω.
         """
         cap = np.asarray(capacity_ah, dtype=np.float64)
-        return np.asarray(self.r1_ohm_ah / cap * self.soc_factor(soc) * self.arrhenius(temp_c), dtype=np.float64)
+        return np.asarray(self.r1_ohm_ah / cap * self.soc_factor(soc) * self.temp_factor(temp_c), dtype=np.float64)
+
+    def r2_ohm(self, capacity_ah: npt.ArrayLike, soc: npt.ArrayLike, temp_c: npt.ArrayLike) -> FloatArray:
+        """Return the second (slow) RC-pair resistance of a cell, Ω (same scaling as :meth:`r0_ohm`).
+
+        Args:
+            capacity_ah: rated (beginning-of-life) capacity of the cell, Ah.
+            soc: state of charge, fraction.
+            temp_c: cell temperature, °C.
+
+        Returns:
+            R2 broadcast over the three arguments, Ω (zeros for a one-RC chemistry).
+        """
+        cap = np.asarray(capacity_ah, dtype=np.float64)
+        return np.asarray(self.r2_ohm_ah / cap * self.soc_factor(soc) * self.temp_factor(temp_c), dtype=np.float64)
 
     def dcir_ohm(
         self, capacity_ah: npt.ArrayLike, soc: npt.ArrayLike, temp_c: npt.ArrayLike, pulse_s: npt.ArrayLike
     ) -> FloatArray:
         """Return the model's DC resistance after a constant-current pulse of ``pulse_s``, Ω.
 
-        ``R0 + R1*(1 - exp(-pulse_s/tau1))``, the quantity pulse tests report as
-        "R(1 s)", "R(10 s)" and so on.
+        ``R0 + R1*(1 - exp(-pulse_s/tau1)) + R2*(1 - exp(-pulse_s/tau2))``, the quantity
+        pulse tests report as "R(1 s)", "R(10 s)" and so on.
 
         Args:
             capacity_ah: rated capacity, Ah.
@@ -486,7 +620,8 @@ class CellChemistry:
         t = np.asarray(pulse_s, dtype=np.float64)
         return np.asarray(
             self.r0_ohm(capacity_ah, soc, temp_c)
-            + self.r1_ohm(capacity_ah, soc, temp_c) * (1.0 - np.exp(-t / self.tau1_s)),
+            + self.r1_ohm(capacity_ah, soc, temp_c) * (1.0 - np.exp(-t / self.tau1_s))
+            + self.r2_ohm(capacity_ah, soc, temp_c) * (1.0 - np.exp(-t / self.tau2_s)),
             dtype=np.float64,
         )
 

@@ -5,13 +5,17 @@ frozen results. Current is **positive on discharge**, the project's convention; 
 cycler data that uses the opposite sign before calling (the ORNL Nissan Leaf files log
 discharge as negative current).
 
-Three identifications live here:
+Four identifications live here:
 
 - :func:`fit_ecm_from_hppc` finds the discharge pulses of a hybrid pulse power
   characterisation (HPPC) record and returns, for every pulse, the state of charge, the
   ohmic resistance ``R0`` from the instantaneous voltage step at the pulse start, and one
   RC pair (``R1``, ``tau1``) from a least-squares fit of the voltage relaxation after the
   pulse.
+- :func:`fit_rc_pairs_to_record` fits two RC pairs (a fast and a slow one) to a whole test
+  record by least squares, given the model's OCV and ``R0`` along it, optionally with the
+  OCV corrected block by block: the 40-s rests after HPPC pulses only see the fast pair,
+  while long discharges are dominated by the slow one.
 - :func:`fit_arrhenius` combines resistances measured at several temperatures into an
   activation energy.
 - :func:`ocv_from_slow_cycle` turns a slow constant-current discharge and the constant
@@ -41,8 +45,10 @@ __all__ = [
     "EcmFit",
     "EcmSummary",
     "OcvFromCycle",
+    "TwoRcFit",
     "fit_arrhenius",
     "fit_ecm_from_hppc",
+    "fit_rc_pairs_to_record",
     "ocv_from_slow_cycle",
 ]
 
@@ -51,6 +57,10 @@ FloatArray = npt.NDArray[np.float64]
 _KELVIN_OFFSET = 273.15
 _SECONDS_PER_HOUR = 3600.0
 _TAU_GRID_POINTS = 400
+_PAIR_GRID_POINTS = 40
+_PAIR_REFINEMENTS = 4
+_STRETCH_DECAYS = 300.0  # longest closed-form stretch of _filtered_currents, in units of the shortest tau
+_COLLINEAR = 1e-6  # pairs whose columns' squared correlation exceeds 1 - this are not fitted jointly
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,22 @@ class EcmFit:
         """Number of discharge pulses found."""
         return int(self.soc.size)
 
+    def block_labels(self, time_s: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Return the pulse-to-pulse block of every sample time (for ``fit_rc_pairs_to_record``).
+
+        Block ``k`` runs from the last rest sample before pulse ``k`` (``t_start_s[k]``) to
+        just before that of pulse ``k + 1``; the last block runs to the end. Samples before
+        the first pulse get -1.
+
+        Args:
+            time_s: sample times of the record the pulses were found in, s.
+
+        Returns:
+            One integer label per sample.
+        """
+        t = np.asarray(time_s, dtype=np.float64)
+        return np.searchsorted(self.t_start_s, t, side="right").astype(np.int64) - 1
+
     def summary(self, *, soc_min: float = 0.3, soc_max: float = 0.7) -> EcmSummary:
         """Return the median parameters over the pulses with ``soc_min <= soc <= soc_max``.
 
@@ -175,6 +201,25 @@ class ArrheniusFit:
         t_k = np.asarray(temp_c, dtype=np.float64) + _KELVIN_OFFSET
         t_ref_k = self.t_ref_c + _KELVIN_OFFSET
         return np.exp(self.ea_j_per_mol / GAS_CONSTANT_J_PER_MOL_K * (1.0 / t_k - 1.0 / t_ref_k))
+
+
+@dataclass(frozen=True, slots=True)
+class TwoRcFit:
+    """Result of :func:`fit_rc_pairs_to_record`: a fast and a slow RC pair.
+
+    Attributes:
+        r1_ohm: resistance of the fast pair, Ω (times the record's resistance scale).
+        tau1_s: time constant of the fast pair, s.
+        r2_ohm: resistance of the slow pair, Ω.
+        tau2_s: time constant of the slow pair, s.
+        rmse_v: weighted root-mean-square voltage residual of the fit, V.
+    """
+
+    r1_ohm: float
+    tau1_s: float
+    r2_ohm: float
+    tau2_s: float
+    rmse_v: float
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -408,6 +453,214 @@ def fit_ecm_from_hppc(
         r_30s_ohm=out["r30s"],
         rmse_v=out["rmse"],
     )
+
+
+def _filtered_currents(time_s: FloatArray, current_a: FloatArray, tau_s: FloatArray) -> FloatArray:
+    """Return the RC-pair currents ``x`` (samples x time constants), starting from rest.
+
+    ``x[k] = x[k-1] + (i[k] - x[k-1]) * (1 - exp(-(t[k] - t[k-1])/tau))``: ``current_a[k]``
+    flows over ``(t[k-1], t[k]]``, the emulator's exact zero-order-hold update. Within a
+    stretch of time ``s`` short enough that ``exp(s/tau)`` stays finite, the recursion has the
+    closed form ``x[k] = e[k] * (x[k0] + cumsum(g[l] * i[l] / e[l]))`` with ``e`` the decay
+    since the stretch's start and ``g = 1 - a`` the gain, evaluated as array operations; the
+    loop runs once per stretch (about ``duration / (500 * min(tau))`` of them).
+    """
+    dt = np.diff(time_s)
+    log_a = -dt[:, None] / tau_s[None, :]  # (n - 1, m)
+    gain = -np.expm1(log_a)
+    out = np.zeros((time_s.size, tau_s.size))
+    span = _STRETCH_DECAYS * float(np.min(tau_s))
+    x = out[0]
+    k0 = 1
+    while k0 < time_s.size:
+        k1 = int(np.searchsorted(time_s, time_s[k0 - 1] + span, side="right"))
+        k1 = min(max(k1, k0 + 1), time_s.size)
+        decay = np.cumsum(log_a[k0 - 1 : k1 - 1], axis=0)  # ln of the decay from t[k0-1] to t[k]
+        drive = np.cumsum(gain[k0 - 1 : k1 - 1] * current_a[k0:k1, None] * np.exp(-decay), axis=0)
+        out[k0:k1] = np.exp(decay) * (x + drive)
+        x = out[k1 - 1]
+        k0 = k1
+    return out
+
+
+class _BlockLines:
+    """Weighted projection that removes a straight line in ``x`` from every block of samples.
+
+    ``self(z)`` returns ``z`` less its weighted least-squares fit by ``a_b + c_b*x`` within
+    each block ``b`` (the columns of a 2-D ``z`` independently). Samples with a negative label
+    are passed through unchanged; samples of zero weight are corrected with their block's
+    line but do not shape it. Loops run once per block.
+    """
+
+    def __init__(self, blocks: npt.NDArray[np.integer], x: FloatArray, w: FloatArray) -> None:
+        self._parts: list[tuple[slice | npt.NDArray[np.intp], FloatArray, FloatArray]] = []
+        for label in np.unique(blocks[blocks >= 0]):
+            rows = np.flatnonzero(blocks == label)
+            ww = w[rows]
+            if not ww.sum() > 0.0:
+                continue
+            basis = np.column_stack((np.ones(rows.size), x[rows] - np.average(x[rows], weights=ww)))
+            # pinv: a block at constant x (a rest only) keeps just its offset.
+            solve = np.linalg.pinv(basis.T @ (basis * ww[:, None])) @ (basis * ww[:, None]).T
+            contiguous = rows[-1] - rows[0] + 1 == rows.size
+            index: slice | npt.NDArray[np.intp] = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+            self._parts.append((index, basis, solve))
+
+    def __call__(self, z: FloatArray) -> FloatArray:
+        out = np.array(z, dtype=np.float64, copy=True)
+        for index, basis, solve in self._parts:
+            out[index] -= basis @ (solve @ out[index])
+        return out
+
+
+def _best_pair(
+    cols: FloatArray, n1: int, y: FloatArray, w: FloatArray, allowed: npt.NDArray[np.bool_] | None = None
+) -> tuple[int, int, float, float, float]:
+    """Non-negative least squares of ``y ~ r1*cols[:, a] + r2*cols[:, n1 + b]`` for every (a, b) at once.
+
+    Returns the best ``(a, b, r1, r2, sse)`` over the pairs ``allowed`` (all by default). For
+    two unknowns the non-negative solution is either the unconstrained one (when both are
+    >= 0 and the two columns are not collinear) or the better single-column fit.
+    """
+    weighted = cols * w[:, None]
+    gram = weighted.T @ cols
+    proj = weighted.T @ y
+    diag = np.diag(gram)
+    g11, g22, g12 = diag[:n1, None], diag[None, n1:], gram[:n1, n1:]
+    y1, y2, yy = proj[:n1, None], proj[None, n1:], float(w @ (y * y))
+    det = g11 * g22 - g12 * g12
+    # Nearly collinear columns (two equal time constants) make the 2 x 2 solve meaningless.
+    distinct = det > _COLLINEAR * g11 * g22
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r1 = (g22 * y1 - g12 * y2) / det
+        r2 = (g11 * y2 - g12 * y1) / det
+        both = np.where((r1 >= 0.0) & (r2 >= 0.0) & distinct, yy - r1 * y1 - r2 * y2, np.inf)
+        only1 = np.broadcast_to(yy - np.where(y1 > 0.0, y1 * y1 / g11, 0.0), det.shape)
+        only2 = np.broadcast_to(yy - np.where(y2 > 0.0, y2 * y2 / g22, 0.0), det.shape)
+    sse = np.minimum(both, np.minimum(only1, only2))
+    if allowed is not None:
+        sse = np.where(allowed, sse, np.inf)
+    a, b = np.unravel_index(int(np.argmin(sse)), sse.shape)
+    if both[a, b] <= min(only1[a, b], only2[a, b]):
+        return int(a), int(b), float(r1[a, b]), float(r2[a, b]), float(sse[a, b])
+    if only1[a, b] <= only2[a, b]:
+        return int(a), int(b), max(float(y1[a, 0] / g11[a, 0]), 0.0), 0.0, float(sse[a, b])
+    return int(a), int(b), 0.0, max(float(y2[0, b] / g22[0, b]), 0.0), float(sse[a, b])
+
+
+def fit_rc_pairs_to_record(
+    time_s: npt.ArrayLike,
+    current_a: npt.ArrayLike,
+    voltage_v: npt.ArrayLike,
+    *,
+    ocv_v: npt.ArrayLike,
+    r0_ohm: float,
+    r_scale: npt.ArrayLike = 1.0,
+    weight: npt.ArrayLike = 1.0,
+    ocv_blocks: npt.ArrayLike | None = None,
+    tau1_bounds_s: tuple[float, float] = (2.0, 60.0),
+    tau2_bounds_s: tuple[float, float] = (60.0, 3600.0),
+) -> TwoRcFit:
+    """Fit a fast and a slow RC pair to a whole record, given the model's OCV and ``R0``.
+
+    The model is ``v = ocv_v - r_scale*(r0_ohm*i + r1*x1 + r2*x2)``, with ``x1``, ``x2`` the
+    currents through the two pairs (time constants ``tau1 < tau2``), zero at the first sample
+    (start the record at rest) and updated exactly for a current held over each sampling
+    interval, as the emulator does (``current_a[k]`` flows over ``(t[k-1], t[k]]``).
+    ``r_scale`` carries whatever else the resistances depend on along the record (the SoC
+    shape, for instance), so that ``r1`` and ``r2`` are the values at scale 1.
+
+    The residual is weighted by time (trapezoid weights: a record sampled every 0.1 s in
+    pulses and every 60 s in rests weighs each second alike) times ``weight`` (0 leaves a
+    sample out). For fixed time constants the model is linear in ``r1`` and ``r2``, found by
+    non-negative least squares in closed form; the time constants are searched on a
+    logarithmic grid over the bounds, then on finer grids around the best point.
+
+    An OCV table is good to a few mV, which at the currents of a pulse test is as much as
+    the slow pair's whole voltage. With ``ocv_blocks`` the OCV is corrected inside every
+    block of samples by an offset and a slope in discharged charge, fitted together with the
+    pairs (projected out of the least squares): the pairs are then identified from the
+    transients alone (each pulse, step and relaxation against its own block's OCV line),
+    not from the level of the OCV table. Blocks should each hold a load and the rest after
+    it (an HPPC test: from the rest before one pulse to the rest before the next).
+
+    Args:
+        time_s: sample times, strictly increasing, s.
+        current_a: current, positive on discharge, A.
+        voltage_v: measured terminal voltage, V.
+        ocv_v: the model's open-circuit voltage at every sample, V.
+        r0_ohm: ohmic resistance at scale 1, Ω (identified separately, from pulse steps).
+        r_scale: resistance scale at every sample (scalar or array), dimensionless.
+        weight: extra weight of every sample (scalar or array, >= 0).
+        ocv_blocks: block label of every sample (integers); ``None`` fits without the OCV
+            correction. Samples with a negative label are left out of the fit.
+        tau1_bounds_s: search interval of the fast time constant, s.
+        tau2_bounds_s: search interval of the slow time constant, s (above ``tau1_bounds_s``).
+
+    Returns:
+        The two pairs and the weighted RMSE of the fit (after the OCV correction, if any).
+
+    Raises:
+        ChemistryError: on malformed arrays, bounds that overlap or are not positive, or
+            weights that leave nothing to fit.
+
+    Examples:
+        A synthetic record from a known model is recovered:
+
+        >>> import numpy as np
+        >>> t = np.arange(0.0, 6000.0, 1.0)
+        >>> i = np.where((t % 1500.0) < 600.0, 20.0, 0.0)
+        >>> i[0] = 0.0
+        >>> x = _filtered_currents(t, i, np.array([15.0, 300.0]))
+        >>> v = 3.7 - 1e-3 * i - 0.6e-3 * x[:, 0] - 1.5e-3 * x[:, 1]
+        >>> fit = fit_rc_pairs_to_record(t, i, v, ocv_v=np.full(t.size, 3.7), r0_ohm=1e-3)
+        >>> round(fit.tau1_s, 1), round(fit.tau2_s), round(fit.r1_ohm * 1e3, 3), round(fit.r2_ohm * 1e3, 3)
+        (15.0, 300, 0.6, 1.5)
+    """
+    t, i, v = _check_record(time_s, current_a, voltage_v)
+    ocv = np.broadcast_to(np.asarray(ocv_v, dtype=np.float64), t.shape)
+    scale = np.broadcast_to(np.asarray(r_scale, dtype=np.float64), t.shape)
+    extra = np.broadcast_to(np.asarray(weight, dtype=np.float64), t.shape)
+    if not (np.all(np.isfinite(ocv)) and np.all(np.isfinite(scale)) and np.all(np.isfinite(extra))):
+        msg = "ocv_v, r_scale and weight must be finite"
+        raise ChemistryError(msg)
+    lo1, hi1 = tau1_bounds_s
+    lo2, hi2 = tau2_bounds_s
+    if not 0.0 < lo1 < hi1 <= lo2 < hi2:
+        msg = f"need 0 < tau1 bounds < tau2 bounds, got {tau1_bounds_s} and {tau2_bounds_s}"
+        raise ChemistryError(msg)
+    dt = np.diff(t)
+    w = np.zeros_like(t)
+    w[:-1] += 0.5 * dt
+    w[1:] += 0.5 * dt
+    w *= extra
+    blocks = None
+    if ocv_blocks is not None:
+        blocks = np.broadcast_to(np.asarray(ocv_blocks), t.shape)
+        if not np.issubdtype(blocks.dtype, np.integer):
+            msg = "ocv_blocks must hold integer labels"
+            raise ChemistryError(msg)
+        w = np.where(blocks >= 0, w, 0.0)
+    if np.any(extra < 0.0) or not w.sum() > 0.0:
+        msg = "weight must be >= 0 and leave some samples in the fit"
+        raise ChemistryError(msg)
+    y = ocv - scale * float(r0_ohm) * i - v
+    project = None if blocks is None else _BlockLines(blocks, _cumulative_charge_as(t, i), w)
+    if project is not None:
+        y = project(y)
+
+    grid1 = np.geomspace(lo1, hi1, _PAIR_GRID_POINTS)
+    grid2 = np.geomspace(lo2, hi2, _PAIR_GRID_POINTS)
+    for _ in range(_PAIR_REFINEMENTS):
+        cols = scale[:, None] * _filtered_currents(t, i, np.concatenate((grid1, grid2)))
+        if project is not None:
+            cols = project(cols)
+        a, b, r1, r2, sse = _best_pair(cols, grid1.size, y, w, allowed=grid1[:, None] < grid2[None, :])
+        tau1, tau2 = float(grid1[a]), float(grid2[b])
+        # The two time constants are coupled: bracket each best point by two grid steps.
+        grid1 = np.geomspace(grid1[max(a - 2, 0)], grid1[min(a + 2, grid1.size - 1)], _PAIR_GRID_POINTS)
+        grid2 = np.geomspace(grid2[max(b - 2, 0)], grid2[min(b + 2, grid2.size - 1)], _PAIR_GRID_POINTS)
+    return TwoRcFit(r1_ohm=r1, tau1_s=tau1, r2_ohm=r2, tau2_s=tau2, rmse_v=float(np.sqrt(max(sse, 0.0) / w.sum())))
 
 
 def fit_arrhenius(temp_c: npt.ArrayLike, r_ohm: npt.ArrayLike, *, t_ref_c: float = 25.0) -> ArrheniusFit:
