@@ -23,6 +23,7 @@ import polars as pl
 from paho.mqtt.enums import CallbackAPIVersion
 
 from twin import contract as c
+from twin.contract import encode_frame as encode_rows
 from twin.errors import BrokerError
 
 __all__ = ["Credentials", "GatewayPool", "encode_rows"]
@@ -36,22 +37,6 @@ class Credentials:
 
     username: str
     password: str | None = None
-
-
-def encode_rows(frame: pl.DataFrame, model: type[c.Message]) -> list[bytes]:
-    """Encode each row of ``frame`` as the contract's JSON payload of ``model``.
-
-    Columns are taken in the model's field order; nulls are dropped from the payload.
-    """
-    schema = c.polars_schema(model)
-    name = f"{model.schema_name}/{c.CONTRACT_VERSION}"
-    cols = [pl.lit(name).alias("schema")] + [pl.col(k) for k in schema if k != "schema" and k in frame.columns]
-    encoded = frame.select(pl.struct(cols).struct.json_encode().alias("j"))["j"]
-    out = [s.encode() for s in encoded.to_list()]
-    if frame.null_count().sum_horizontal().item() > 0:
-        # Rare: strip JSON nulls (optional fields) so that payloads carry no null values.
-        out = [c.encode(c.decode(p, model)) for p in out]
-    return out
 
 
 class GatewayPool:

@@ -305,3 +305,11 @@ def test_deeply_nested_json_is_refused_not_a_crash() -> None:
     with pytest.raises(PayloadError) as info:
         c.decode(b"[" * 5000 + b"]" * 5000)
     assert info.value.reason == "not_json"
+
+
+@pytest.mark.parametrize("name", sorted(c.MESSAGE_MODELS))
+def test_encode_frame_matches_encode(name: str) -> None:
+    message = SAMPLES[name]
+    model = type(message)
+    frame = pl.DataFrame([message.model_dump(mode="json", by_alias=True)], schema=c.polars_schema(model))
+    assert c.encode_frame(frame.drop("schema"), model) == [c.encode(message)]

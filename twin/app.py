@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Final
 
+import numpy as np
 import polars as pl
 
 from twin import __version__
@@ -111,7 +112,8 @@ class Service:
         self._force = threading.Event()
         self._retry = RetryPolicy(max_s=settings.influx.retry_max_s)
         self._last_publish_s = 0.0
-        self._published_state: dict[str, float] = {}
+        self._pack_signature = np.zeros(0)
+        self._last_site: tuple[int, int, float] | None = None
         self.health: HealthServer | None = None
         self._worker: threading.Thread | None = None
         self._stopping_since: float | None = None
@@ -299,8 +301,25 @@ class Service:
     # ------------------------------------------------------------------ outputs
 
     def _maybe_publish_state(self) -> None:
-        if time.monotonic() - self._last_publish_s >= self.settings.publish.interval_s:
+        """Publish every interval, or at once when the site's state moved beyond the threshold."""
+        due = time.monotonic() - self._last_publish_s >= self.settings.publish.interval_s
+        if due or self._site_changed():
             self._publish_state(force=False)
+
+    def _site_signature(self, now_ms: int) -> tuple[int, int, float]:
+        site = self.core.site_frame(now_ms).row(0, named=True)
+        return int(site["packs_online"]), int(site["packs_excluded"]), float(site["soc"] or 0.0)
+
+    def _site_changed(self) -> bool:
+        if self._last_site is None or not self.core.packs.ids:
+            return False
+        online, excluded, soc = self._site_signature(self.clock.now_ms())
+        last_online, last_excluded, last_soc = self._last_site
+        return (
+            online != last_online
+            or excluded != last_excluded
+            or abs(soc - last_soc) >= self.settings.publish.change_threshold
+        )
 
     def _publish_state(self, *, force: bool) -> None:
         """Publish the site and pack state on MQTT and write state and health to InfluxDB."""
@@ -310,21 +329,24 @@ class Service:
             return
         site = self.core.site_frame(now_ms)
         packs = self.core.pack_frame(now_ms)
+        self._last_site = self._site_signature(now_ms)
         expiry = self.settings.publish.expiry_s
-        row = site.row(0, named=True)
-        state = c.TwinState.model_validate({"schema": "twin_state/1", **row})
-        self.link.publish(c.topic(c.TopicKind.TWIN_STATE, self.site), c.encode(state), retain=True, expiry_s=expiry)
-        pack_cols = [k for k in c.TwinPackState.model_fields if k != "schema_"]
-        for prow in packs.select([k for k in pack_cols if k in packs.columns]).iter_rows(named=True):
-            # One retained message per pack per interval; packs that did not change are skipped.
-            key = f"{prow['pack']}"
-            signature = (prow["soc_bms"] or 0.0) + (100.0 if prow["online"] else 0.0)
-            if not force and abs(self._published_state.get(key, -1e9) - signature) < self.settings.publish.change_threshold:
-                continue
-            self._published_state[key] = signature
-            msg = c.TwinPackState.model_validate({"schema": "twin_pack_state/1", **prow})
-            self.link.publish(c.topic(c.TopicKind.TWIN_PACK, self.site, prow["pack"]), c.encode(msg), retain=True,
-                              expiry_s=expiry)
+        self.link.publish(
+            c.topic(c.TopicKind.TWIN_STATE, self.site), c.encode_frame(site, c.TwinState)[0], retain=True, expiry_s=expiry
+        )
+        # Packs whose state did not move beyond the threshold since they were last published are
+        # skipped (their retained message still holds); chosen for all packs at once.
+        signature = packs["soc_bms"].fill_null(0.0).to_numpy() + np.where(packs["online"].to_numpy(), 100.0, 0.0)
+        last = np.full(signature.size, -1e9)
+        known = min(self._pack_signature.size, signature.size)
+        last[:known] = self._pack_signature[:known]
+        changed = np.abs(signature - last) >= self.settings.publish.change_threshold
+        if force:
+            changed[:] = True
+        self._pack_signature = np.where(changed, signature, last)
+        chosen = packs.filter(pl.Series(changed))
+        for pack, payload in zip(chosen["pack"], c.encode_frame(chosen, c.TwinPackState), strict=True):
+            self.link.publish(c.topic(c.TopicKind.TWIN_PACK, self.site, pack), payload, retain=True, expiry_s=expiry)
         if self.writer is not None:
             health = self._health_frame(now_ms)
             bodies = [
