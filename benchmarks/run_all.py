@@ -51,7 +51,7 @@ def main() -> int:
             text = f"{value:,.4g}" if isinstance(value, float) else str(value)
             rows.append((script.stem, key, text))
         rows.append((script.stem, "benchmark wall s", f"{elapsed:.1f}"))
-    width = [max(len(r[i]) for r in rows + [("benchmark", "figure", "value")]) for i in range(3)]
+    width = [max(len(r[i]) for r in [*rows, ("benchmark", "figure", "value")]) for i in range(3)]
     print()
     print(f"{'benchmark':<{width[0]}}  {'figure':<{width[1]}}  {'value':>{width[2]}}")
     print(f"{'-' * width[0]}  {'-' * width[1]}  {'-' * width[2]}")

@@ -5,8 +5,8 @@ lfp) x 600 s of 1 s telemetry = 483,000 rows, synthetic (each pack's voltage fol
 chemistry's OCV at a drifting SoC, with noise, under a random current). The figure is
 pack-samples per second of :meth:`SocEstimator.update` on that frame, from a fresh
 estimator (best of a few repeats; the polars-to-numpy reshaping is included). The baseline is
-the same filter written the textbook way, one pack and one sample at a time with 4 x 4 numpy
-matrices, timed on a subset of the packs. Goal (issue): >= 1,000,000 pack-samples/s on one core.
+the same filter written the textbook way, one pack and one sample at a time with 5 x 5 numpy
+matrices (both RC pairs, the chemistry's own resistance methods), timed on a subset of the packs. Goal (issue): >= 1,000,000 pack-samples/s on one core.
 
 Usage: ``python benchmarks/soc_speed.py`` (prints a table; ``main()`` returns the figures).
 """
@@ -90,30 +90,43 @@ def loop_ekf(packs: PackInfo, frame: pl.DataFrame, indices: list[int], options: 
         ts, v, cur, temp = (rows.get_column(c).to_numpy() for c in ("ts_ms", "voltage_v", "current_a", "temp_avg_c"))
         q_as = packs.capacity_ah[p] * 3600.0
         rated, series = packs.rated_group_ah[p], packs.series[p]
-        x = np.array([packs.soc0[p], 0.0, 0.0, 0.0])
-        cov = np.diag([packs.soc0_std[p] ** 2, o.v_rc0_std_v**2, o.hyst0_std**2, o.current_offset_sd_a**2])
+        x = np.array([packs.soc0[p], 0.0, 0.0, 0.0, 0.0])  # soc, v_rc1, v_rc2, hyst, offset
+        v2_var = o.v_rc0_std_v**2 if chem.r2_ohm_ah > 0.0 else 0.0
+        cov = np.diag([packs.soc0_std[p] ** 2, o.v_rc0_std_v**2, v2_var, o.hyst0_std**2, o.current_offset_sd_a**2])
         r_white = (o.voltage_noise_v**2 + o.voltage_quantum_v**2 / 12.0) / series**2
         for k in range(ts.size):
             if k:
                 dt = (ts[k] - ts[k - 1]) * 1e-3
-                i = cur[k - 1] - x[3]
+                i = cur[k - 1] - x[4]
                 eff = chem.coulombic_efficiency if i < 0 else 1.0
-                a = np.exp(-dt / chem.tau1_s)
+                a1 = np.exp(-dt / chem.tau1_s)
+                a2 = np.exp(-dt / chem.tau2_s)
                 r1 = float(chem.r1_ohm(rated, x[0], temp[k - 1]))
+                r2 = float(chem.r2_ohm(rated, x[0], temp[k - 1]))
                 f = np.exp(-chem.hyst_rate_per_as * abs(i) * dt / q_as)
                 s = np.sign(i)
-                jac = np.diag([1.0, a, f, 1.0])
-                jac[0, 3] = eff * dt / q_as
-                jac[1, 3] = -(1 - a) * r1
-                jac[2, 3] = f * chem.hyst_rate_per_as * dt / q_as * s * (x[2] + s)
-                x = np.array([x[0] - eff * i * dt / q_as, a * x[1] + (1 - a) * r1 * i, f * x[2] - (1 - f) * s, x[3]])
+                jac = np.diag([1.0, a1, a2, f, 1.0])
+                jac[0, 4] = eff * dt / q_as
+                jac[1, 4] = -(1 - a1) * r1
+                jac[2, 4] = -(1 - a2) * r2
+                jac[3, 4] = f * chem.hyst_rate_per_as * dt / q_as * s * (x[3] + s)
+                x = np.array(
+                    [
+                        x[0] - eff * i * dt / q_as,
+                        a1 * x[1] + (1 - a1) * r1 * i,
+                        a2 * x[2] + (1 - a2) * r2 * i,
+                        f * x[3] - (1 - f) * s,
+                        x[4],
+                    ]
+                )
                 q_soc = o.current_noise_a**2 * (dt / q_as) ** 2
-                q = np.diag([q_soc, ((1 - a) * r1) ** 2 * o.current_noise_a**2, 0.0, 0.0])
+                q_rc = np.array([(1 - a1) * r1, (1 - a2) * r2]) ** 2 * o.current_noise_a**2
+                q = np.diag([q_soc, *q_rc, 0.0, 0.0])
                 cov = jac @ cov @ jac.T + q
             r0 = float(chem.r0_ohm(rated, x[0], temp[k]))
             h_amp = float(chem.hysteresis_v(x[0]))
-            pred = float(chem.ocv(x[0])) + h_amp * x[2] - r0 * (cur[k] - x[3]) - x[1]
-            hrow = np.array([float(chem.docv_dsoc(x[0])), -1.0, h_amp, r0])
+            pred = float(chem.ocv(x[0])) + h_amp * x[3] - r0 * (cur[k] - x[4]) - x[1] - x[2]
+            hrow = np.array([float(chem.docv_dsoc(x[0])), -1.0, -1.0, h_amp, r0])
             s_var = hrow @ cov @ hrow + r_white + o.ocv_error_v**2
             gain = cov @ hrow / s_var
             x = x + gain * (v[k] / series - pred)

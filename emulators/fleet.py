@@ -22,6 +22,7 @@ the cost (for long runs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray

@@ -28,7 +28,7 @@ __all__ = ["FolderSink", "MqttSink", "run_info"]
 
 def run_info(emulation: Emulation, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``run.json`` document: scenario, seed, options and versions, for reproducing a run."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("microgrid-twin", "numpy", "polars", "pydantic", "paho-mqtt"):
         try:
             versions[dist] = metadata.version(dist)
@@ -104,7 +104,9 @@ class MqttSink:
         protocol: str = "3.1.1",
         client_prefix: str = "emu",
     ) -> None:
-        self.pool = GatewayPool(url, site, packs, credentials=credentials, protocol=protocol, client_prefix=client_prefix)
+        self.pool = GatewayPool(
+            url, site, packs, credentials=credentials, protocol=protocol, client_prefix=client_prefix
+        )
         self.site = site
         self.speed = speed
         self.truth = truth
@@ -141,7 +143,9 @@ class MqttSink:
             "cells": chunk.cells.with_columns(pl.lit(1).alias("_k")),
         }
         times = sorted(
-            set(chunk.telemetry["ts_ms"].to_list()) | set(chunk.site["ts_ms"].to_list()) | set(chunk.status["ts_ms"].to_list())
+            set(chunk.telemetry["ts_ms"].to_list())
+            | set(chunk.site["ts_ms"].to_list())
+            | set(chunk.status["ts_ms"].to_list())
         )
         tele_by = chunk.telemetry.partition_by("ts_ms", as_dict=True) if chunk.telemetry.height else {}
         cells_by = chunk.cells.partition_by("ts_ms", as_dict=True) if chunk.cells.height else {}
@@ -158,7 +162,9 @@ class MqttSink:
             if key in tele_by:
                 frame = tele_by[key]
                 self.pool.publish_packs(
-                    c.TopicKind.PACK_TELEMETRY, [self.index[p] for p in frame["pack"]], encode_rows(frame, c.PackTelemetry)
+                    c.TopicKind.PACK_TELEMETRY,
+                    [self.index[p] for p in frame["pack"]],
+                    encode_rows(frame, c.PackTelemetry),
                 )
                 self.published += frame.height
             if key in cells_by:
@@ -176,7 +182,9 @@ class MqttSink:
                 self._publish_truth(truth_by[key])
         if self.truth and chunk.site_truth is not None:
             for row in chunk.site_truth.iter_rows(named=True):
-                payload = json.dumps({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()})
+                payload = json.dumps(
+                    {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+                )
                 self.pool.publish_site(c.topic(c.TopicKind.TRUTH_SITE, self.site), payload.encode())
 
     def _publish_truth(self, frame: pl.DataFrame) -> None:

@@ -11,6 +11,7 @@ contract's field names and order.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import time
 from collections.abc import Sequence
@@ -19,7 +20,6 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-import polars as pl
 from paho.mqtt.enums import CallbackAPIVersion
 
 from twin import contract as c
@@ -146,7 +146,9 @@ class GatewayPool:
                 return
             self.service(min(left, 0.05))
 
-    def publish_packs(self, kind: c.TopicKind, indices: Sequence[int], payloads: Sequence[bytes], *, retain: bool = False) -> None:
+    def publish_packs(
+        self, kind: c.TopicKind, indices: Sequence[int], payloads: Sequence[bytes], *, retain: bool = False
+    ) -> None:
         """Publish one payload per pack (``indices`` into ``packs``) on that pack's own connection."""
         site = self.site
         for i, payload in zip(indices, payloads, strict=True):
@@ -159,7 +161,7 @@ class GatewayPool:
 
     def pending(self) -> int:
         """Number of QoS 1 messages not yet acknowledged by the broker."""
-        return sum(len(cl._out_messages) for cl in self._clients)  # noqa: SLF001 - paho has no public counter
+        return sum(len(cl._out_messages) for cl in self._clients)
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Serve until every QoS 1 message is acknowledged; return whether that happened in time."""
@@ -173,11 +175,9 @@ class GatewayPool:
         for i in indices:
             sock = self._clients[i].socket()
             if sock is not None:
-                try:
+                with contextlib.suppress(KeyError, ValueError):
                     self._selector.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
-                sock.close()  # type: ignore[union-attr]
+                sock.close()
 
     def close(self) -> None:
         """Disconnect every gateway cleanly (no last will is sent)."""

@@ -162,7 +162,9 @@ class Emulation:
 
     def _settle_temperature(self) -> None:
         """Start each pack at its container's temperature rather than the ambient."""
-        env = self._container_temp(np.full(self.fleet.n_packs, float(self.trace.ambient_c[0])), np.zeros(self.fleet.n_packs))
+        env = self._container_temp(
+            np.full(self.fleet.n_packs, float(self.trace.ambient_c[0])), np.zeros(self.fleet.n_packs)
+        )
         self.bank.temp_c[:] = env
 
     def _container_temp(self, ambient_c: F64, heat_w: F64) -> F64:
@@ -191,12 +193,14 @@ class Emulation:
 
     def _resolve_faults(self, rng: np.random.Generator) -> list[_FaultWindow]:
         dt = self.options.dt_s
-        total = int(round(self.options.duration_s / dt))
+        total = round(self.options.duration_s / dt)
         out = []
         for fault in self.scenario.faults:
-            start = int(round(fault.start_s / dt))
-            end = total + 1 if fault.duration_s is None else start + int(round(fault.duration_s / dt))
-            out.append(_FaultWindow(kind=fault.kind, packs=self._select(fault.target, rng), start=start, end=end, spec=fault))
+            start = round(fault.start_s / dt)
+            end = total + 1 if fault.duration_s is None else start + round(fault.duration_s / dt)
+            out.append(
+                _FaultWindow(kind=fault.kind, packs=self._select(fault.target, rng), start=start, end=end, spec=fault)
+            )
         return out
 
     def _active(self, step: int) -> list[_FaultWindow]:
@@ -210,13 +214,13 @@ class Emulation:
         """
         opt = self.options
         dt = opt.dt_s
-        total = int(round(opt.duration_s / dt))
-        per_chunk = max(1, int(round(opt.chunk_s / dt)))
-        tele_every = max(1, int(round(self.scenario.telemetry.pack_telemetry_s / dt)))
-        cell_every = max(1, int(round(self.scenario.telemetry.cells_s / dt)))
-        truth_every = max(1, int(round(opt.truth_every_s / dt)))
-        site_truth_every = max(1, int(round(opt.site_truth_every_s / dt)))
-        aging_every = max(1, int(round(opt.aging_every_s / dt)))
+        total = round(opt.duration_s / dt)
+        per_chunk = max(1, round(opt.chunk_s / dt))
+        tele_every = max(1, round(self.scenario.telemetry.pack_telemetry_s / dt))
+        cell_every = max(1, round(self.scenario.telemetry.cells_s / dt))
+        truth_every = max(1, round(opt.truth_every_s / dt))
+        site_truth_every = max(1, round(opt.site_truth_every_s / dt))
+        aging_every = max(1, round(opt.aging_every_s / dt))
         for first in range(0, total, per_chunk):
             steps = range(first, min(first + per_chunk, total))
             yield self._run_chunk(steps, tele_every, cell_every, truth_every, site_truth_every, aging_every)
@@ -380,7 +384,15 @@ class Emulation:
             truth=pl.concat(truth_rows) if truth_rows else None,
             site_truth=pl.DataFrame(
                 site_truth_rows,
-                schema=["ts_ms", "energy_to_floor_kwh", "battery_w", "load_w", "runtime_s", "ridethrough_s", "packs_available"],
+                schema=[
+                    "ts_ms",
+                    "energy_to_floor_kwh",
+                    "battery_w",
+                    "load_w",
+                    "runtime_s",
+                    "ridethrough_s",
+                    "packs_available",
+                ],
                 orient="row",
             )
             if site_truth_rows
@@ -480,9 +492,7 @@ class Emulation:
             **{k: column(k) for k in _TELE_COLUMNS[2:]},
         }
         frame = pl.DataFrame(data)
-        return frame.with_columns(
-            pl.col(c).round(3) for c in ("voltage_v", "current_a", "temp_min_c", "temp_max_c")
-        )
+        return frame.with_columns(pl.col(c).round(3) for c in ("voltage_v", "current_a", "temp_min_c", "temp_max_c"))
 
     def _sample_cells(self, ts: int, offline: B, active: list[_FaultWindow], rng: np.random.Generator) -> _CellSample:
         """Measure every cell of every pack; return the rows of the packs not lost, for :meth:`_cells_frame`."""
@@ -564,7 +574,11 @@ class Emulation:
         """Every pack online at the start (the retained status each gateway publishes first)."""
         ts = int(self.trace.times_ms[0])
         return pl.DataFrame(
-            {"pack": list(self.fleet.pack_ids), "state": ["online"] * self.fleet.n_packs, "ts_ms": [ts] * self.fleet.n_packs}
+            {
+                "pack": list(self.fleet.pack_ids),
+                "state": ["online"] * self.fleet.n_packs,
+                "ts_ms": [ts] * self.fleet.n_packs,
+            }
         )
 
     def run(self, sink: Sink, *, progress: Callable[[int], None] | None = None) -> dict[str, float]:
@@ -658,7 +672,7 @@ _TELE_SCHEMA: Final = {
     "pack": pl.String,
     "ts_ms": pl.Int64,
     "seq": pl.Int64,
-    **{k: pl.Float64 for k in _TELE_COLUMNS[3:10]},
+    **dict.fromkeys(_TELE_COLUMNS[3:10], pl.Float64),
     "cell_v_min_idx": pl.Int64,
     "cell_v_max_idx": pl.Int64,
     "soc_bms": pl.Float64,
@@ -669,7 +683,7 @@ _TELE_SCHEMA: Final = {
 _TELE_DTYPES: Final = {
     k: np.int64 if v == pl.Int64 else np.bool_ if v == pl.Boolean else np.float64 for k, v in _TELE_SCHEMA.items()
 }
-_CELLS_SCHEMA: Final = {
+_CELLS_SCHEMA: Final[dict[str, pl.DataType | type[pl.DataType]]] = {
     "pack": pl.String,
     "ts_ms": pl.Int64,
     "seq": pl.Int64,

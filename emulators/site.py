@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Final
 from datetime import datetime
+from typing import Final
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray

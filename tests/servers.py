@@ -117,10 +117,13 @@ class Mosquitto(_Server):
         workdir: state, config and log folder.
         extra_conf: extra lines for mosquitto.conf (ACLs, passwords, limits).
         max_queued_messages: per-client queue bound; large by default so tests measure the twin.
+        max_inflight_messages: QoS 1/2 messages in flight to one MQTT 3.1.1 client; an MQTT 5
+            client's Receive Maximum replaces it for that client (mosquitto 2.0).
     """
 
     extra_conf: str = ""
     max_queued_messages: int = 1_000_000
+    max_inflight_messages: int = 1000
 
     @property
     def url(self) -> str:
@@ -141,7 +144,7 @@ class Mosquitto(_Server):
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             f"max_queued_messages {self.max_queued_messages}\n"
-            "max_inflight_messages 1000\n"
+            f"max_inflight_messages {self.max_inflight_messages}\n"
             "log_dest stderr\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             f"{self.extra_conf}\n"
@@ -198,10 +201,12 @@ class Influxd(_Server):
         _wait_port(self.port, self.proc, self.log_path, timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"{self.url}/ping", timeout=1) as resp:
-                    if resp.status == 204:
-                        return self
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{self.url}/ping", timeout=1) as resp,
+            ):
+                if resp.status == 204:
+                    return self
             time.sleep(0.1)
         msg = f"influxd did not answer /ping within {timeout_s} s; log {self.log_path}"
         raise ServerError(msg)

@@ -33,7 +33,9 @@ def test_defaults_are_sensible() -> None:
 
 def test_precedence_cli_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     conf = tmp_path / "twin.toml"
-    conf.write_text('site = "from_file"\n[mqtt]\nurl = "mqtt://file:1"\nkeepalive_s = 40\n[ingest]\nstale_after_s = 9\n')
+    conf.write_text(
+        'site = "from_file"\n[mqtt]\nurl = "mqtt://file:1"\nkeepalive_s = 40\n[ingest]\nstale_after_s = 9\n'
+    )
     monkeypatch.setenv("MGTWIN_MQTT__URL", "mqtt://env:2")
     monkeypatch.setenv("MGTWIN_INGEST__STALE_AFTER_S", "11")
     s = load_settings(conf, mqtt={"url": "mqtt://cli:3", "username": None})

@@ -73,7 +73,9 @@ def test_telemetry_cadence_and_sequence(run_dir: Path) -> None:
     packs = pl.read_parquet(run_dir / "packs.parquet")
     assert tele["pack"].n_unique() == packs.height == 12
     per_pack = tele.group_by("pack").agg(
-        pl.len().alias("n"), pl.col("seq").min().alias("lo"), pl.col("seq").max().alias("hi"),
+        pl.len().alias("n"),
+        pl.col("seq").min().alias("lo"),
+        pl.col("seq").max().alias("hi"),
         pl.col("ts_ms").diff().drop_nulls().unique().alias("dts"),
     )
     # No fault in the first 20 minutes of `small` drops telemetry: 1 message per second, seq gap-free.
@@ -166,14 +168,39 @@ def test_faults_show_in_telemetry_and_truth() -> None:
         [
             {"kind": "contactor_open", "target": {"group": "leaf_2l", "index": 0}, "start_s": 60, "duration_s": 120},
             {"kind": "gateway_offline", "target": {"group": "ultium_new", "index": 1}, "start_s": 60, "duration_s": 60},
-            {"kind": "telemetry_dropout", "target": {"group": "bolt_2l", "index": 0}, "start_s": 0, "loss_fraction": 0.5},
-            {"kind": "sensor_offset", "target": {"group": "lfp_bus_2l", "index": 0}, "start_s": 0,
-             "signal": "current_a", "offset": 5.0},
-            {"kind": "sensor_stuck", "target": {"group": "ultium_new", "index": 0}, "start_s": 30, "signal": "pack_voltage_v"},
-            {"kind": "thermal_runaway_precursor", "target": {"group": "bolt_2l", "index": 2}, "start_s": 0,
-             "self_heat_w": 200.0},
-            {"kind": "weak_cell", "target": {"group": "bolt_2l", "index": 3}, "start_s": 0, "capacity_factor": 0.6,
-             "resistance_factor": 3.0, "cell_index": 5},
+            {
+                "kind": "telemetry_dropout",
+                "target": {"group": "bolt_2l", "index": 0},
+                "start_s": 0,
+                "loss_fraction": 0.5,
+            },
+            {
+                "kind": "sensor_offset",
+                "target": {"group": "lfp_bus_2l", "index": 0},
+                "start_s": 0,
+                "signal": "current_a",
+                "offset": 5.0,
+            },
+            {
+                "kind": "sensor_stuck",
+                "target": {"group": "ultium_new", "index": 0},
+                "start_s": 30,
+                "signal": "pack_voltage_v",
+            },
+            {
+                "kind": "thermal_runaway_precursor",
+                "target": {"group": "bolt_2l", "index": 2},
+                "start_s": 0,
+                "self_heat_w": 200.0,
+            },
+            {
+                "kind": "weak_cell",
+                "target": {"group": "bolt_2l", "index": 3},
+                "start_s": 0,
+                "capacity_factor": 0.6,
+                "resistance_factor": 3.0,
+                "cell_index": 5,
+            },
         ]
     )
     emu = Emulation(sc, EmulationOptions(duration_s=300, chunk_s=300))
@@ -182,9 +209,11 @@ def test_faults_show_in_telemetry_and_truth() -> None:
     tele, truth, status = chunk.telemetry, chunk.truth, chunk.status
     assert truth is not None
 
-    leaf = ids[[i for i, p in enumerate(ids) if p.startswith("leaf_2l")][0]]
-    during = tele.filter((pl.col("pack") == leaf) & pl.col("ts_ms").is_between(
-        tele["ts_ms"].min() + 61_000, tele["ts_ms"].min() + 179_000))
+    leaf = ids[next(i for i, p in enumerate(ids) if p.startswith("leaf_2l"))]
+    during = tele.filter(
+        (pl.col("pack") == leaf)
+        & pl.col("ts_ms").is_between(tele["ts_ms"].min() + 61_000, tele["ts_ms"].min() + 179_000)
+    )
     assert (~during["contactor_closed"]).all()
     assert (during["fault_bits"] & 8 == 8).all()
     assert truth.filter((pl.col("pack") == leaf) & ~pl.col("available")).height > 0
@@ -268,8 +297,19 @@ def test_live_messages_do_not_depend_on_speed(mosquitto: Mosquitto, tmp_path: Pa
         data["site"] = site
         path = tmp_path / f"{site}.toml"
         path.write_text(_to_toml(data))
-        args = ["emulate", "--scenario", str(path), "--duration", "30s", "--mqtt", mosquitto.url,
-                "--speed", speed, "--packs", "4"]
+        args = [
+            "emulate",
+            "--scenario",
+            str(path),
+            "--duration",
+            "30s",
+            "--mqtt",
+            mosquitto.url,
+            "--speed",
+            speed,
+            "--packs",
+            "4",
+        ]
         expected = 4 * 30 + 4 * 3 + 30 + 4 + 4  # telemetry, cells, site, meta, status
         got = _collect_live(mosquitto, f"microgrid/{site}", args, expected)
         # Both runs publish the same messages; only the site id (to keep them apart) differs.

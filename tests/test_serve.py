@@ -182,7 +182,12 @@ BAD = [
 
 
 def test_every_valid_message_once_and_every_invalid_one_dead_lettered(
-    mosquitto: Mosquitto, influxd: Influxd, influx_db: str, unique_site: str, tmp_path: Path, serve_factory: list[ServeProcess]
+    mosquitto: Mosquitto,
+    influxd: Influxd,
+    influx_db: str,
+    unique_site: str,
+    tmp_path: Path,
+    serve_factory: list[ServeProcess],
 ) -> None:
     messages = emulated_messages(unique_site, 120)
     letters: queue.Queue[bytes] = queue.Queue()
@@ -222,7 +227,12 @@ def test_every_valid_message_once_and_every_invalid_one_dead_lettered(
 
 
 def test_killed_mid_stream_and_restarted_loses_and_doubles_nothing(
-    mosquitto: Mosquitto, influxd: Influxd, influx_db: str, unique_site: str, tmp_path: Path, serve_factory: list[ServeProcess]
+    mosquitto: Mosquitto,
+    influxd: Influxd,
+    influx_db: str,
+    unique_site: str,
+    tmp_path: Path,
+    serve_factory: list[ServeProcess],
 ) -> None:
     messages = emulated_messages(unique_site, 300, packs=8)
     serve = ServeProcess(mosquitto, influxd, influx_db, unique_site, tmp_path).start()
@@ -310,7 +320,12 @@ def _retained(broker: Mosquitto, topic: str, timeout_s: float = 5.0) -> list[tup
 
 
 def test_state_is_published_retained_and_status_tells_the_truth(
-    mosquitto: Mosquitto, influxd: Influxd, influx_db: str, unique_site: str, tmp_path: Path, serve_factory: list[ServeProcess]
+    mosquitto: Mosquitto,
+    influxd: Influxd,
+    influx_db: str,
+    unique_site: str,
+    tmp_path: Path,
+    serve_factory: list[ServeProcess],
 ) -> None:
     messages = emulated_messages(unique_site, 30, packs=4)
     serve = ServeProcess(mosquitto, influxd, influx_db, unique_site, tmp_path).start()

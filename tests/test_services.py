@@ -103,10 +103,14 @@ def _line(t: c.PackTelemetry, site: str) -> str:
 def test_write_and_read_back_from_the_real_influxdb(influxd: Influxd, influx_db: str) -> None:
     base = SAMPLES["pack_telemetry"]
     assert isinstance(base, c.PackTelemetry)
-    rows = [base.model_copy(update={"seq": i, "ts_ms": base.ts_ms + 1000 * i, "current_a": 10.0 + i}) for i in range(50)]
+    rows = [
+        base.model_copy(update={"seq": i, "ts_ms": base.ts_ms + 1000 * i, "current_a": 10.0 + i}) for i in range(50)
+    ]
     body = "\n".join(_line(r, "nevada") for r in rows)
     assert influxd.write(influx_db, body) == 204
-    answer = influxd.query('SELECT count(voltage_v), sum(current_a) FROM pack_telemetry WHERE pack=\'P0001\'', db=influx_db)
+    answer = influxd.query(
+        "SELECT count(voltage_v), sum(current_a) FROM pack_telemetry WHERE pack='P0001'", db=influx_db
+    )
     count, total = answer["results"][0]["series"][0]["values"][0][1:]
     assert count == 50
     assert total == pytest.approx(sum(10.0 + i for i in range(50)))

@@ -47,7 +47,9 @@ def core() -> TwinCore:
 def test_latest_values_and_duplicates(core: TwinCore) -> None:
     result = feed(core, [telemetry("P1", 0, T0, voltage_v=300.0), telemetry("P1", 1, T0 + 1000, voltage_v=301.0)], T0)
     assert result.telemetry.height == 2
-    again = feed(core, [telemetry("P1", 1, T0 + 1000, voltage_v=999.0), telemetry("P1", 2, T0 + 2000, voltage_v=302.0)], T0)
+    again = feed(
+        core, [telemetry("P1", 1, T0 + 1000, voltage_v=999.0), telemetry("P1", 2, T0 + 2000, voltage_v=302.0)], T0
+    )
     assert again.duplicates == 1
     assert again.telemetry["seq"].to_list() == [2]
     assert core.packs.values["voltage_v"][core.packs.index["P1"]] == 302.0
@@ -70,7 +72,8 @@ def test_late_samples_are_counted_and_do_not_move_the_mirror_back(core: TwinCore
 
 def test_clock_skew_is_refused(core: TwinCore) -> None:
     result = core.ingest(
-        decode_batch(*zip(*[telemetry("P1", 0, T0 + 3_600_000)], strict=True), site=SITE), now_ms=T0  # type: ignore[call-arg]
+        decode_batch(*zip(*[telemetry("P1", 0, T0 + 3_600_000)], strict=True), site=SITE),
+        now_ms=T0,  # type: ignore[call-arg]
     )
     assert result.telemetry.height == 0
     assert result.rejects["reason"].to_list() == ["clock_skew"]

@@ -40,7 +40,7 @@ from twin import contract as c
 from twin.clock import Clock, SystemClock
 from twin.config import Settings
 from twin.io.health import HealthServer
-from twin.io.influx import RetryPolicy, Writer, WriteOutcome, make_writer, write_with_retry
+from twin.io.influx import RetryPolicy, WriteOutcome, Writer, make_writer, write_with_retry
 from twin.io.mqtt import Inbound, MqttLink
 from twin.pipeline import decode_batch
 from twin.points import MEASUREMENTS, render
@@ -278,9 +278,9 @@ class Service:
                 topic=(row["topic"] or (source.topic if source else ""))[:1024],
                 reason=row["reason"],
                 detail=str(row["detail"])[:1024],
-                payload_excerpt=(row["payload_excerpt"] or (source.payload[:200].decode(errors="replace") if source else ""))[
-                    :512
-                ],
+                payload_excerpt=(
+                    row["payload_excerpt"] or (source.payload[:200].decode(errors="replace") if source else "")
+                )[:512],
                 received_ms=now,
             )
             self.link.publish(topic, c.encode(letter))
@@ -332,7 +332,10 @@ class Service:
         self._last_site = self._site_signature(now_ms)
         expiry = self.settings.publish.expiry_s
         self.link.publish(
-            c.topic(c.TopicKind.TWIN_STATE, self.site), c.encode_frame(site, c.TwinState)[0], retain=True, expiry_s=expiry
+            c.topic(c.TopicKind.TWIN_STATE, self.site),
+            c.encode_frame(site, c.TwinState)[0],
+            retain=True,
+            expiry_s=expiry,
         )
         # Packs whose state did not move beyond the threshold since they were last published are
         # skipped (their retained message still holds); chosen for all packs at once.

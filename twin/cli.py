@@ -118,7 +118,9 @@ def config_env() -> None:
 
 @app.command()
 def serve(
-    mqtt_url: Annotated[str | None, typer.Option("--mqtt", help="Broker URL, mqtt://HOST:PORT (MGTWIN_MQTT__URL).")] = None,
+    mqtt_url: Annotated[
+        str | None, typer.Option("--mqtt", help="Broker URL, mqtt://HOST:PORT (MGTWIN_MQTT__URL).")
+    ] = None,
     site: Annotated[str | None, typer.Option(help="Site identifier to subscribe to (MGTWIN_SITE).")] = None,
     influx: Annotated[
         str | None, typer.Option("--influx", help="InfluxDB URL, http://HOST:PORT (MGTWIN_INFLUX__URL).")
@@ -212,16 +214,24 @@ def emulate(
         str | None, typer.Option("--mqtt", help="Publish live to this broker (mqtt://HOST:PORT) instead.")
     ] = None,
     speed: Annotated[float, typer.Option(help="Live: simulated seconds per wall-clock second.", min=0.01)] = 1.0,
-    truth: Annotated[bool, typer.Option("--truth/--no-truth", help="Offline: write truth tables; live: publish truth topics.")] = False,
-    packs: Annotated[int | None, typer.Option(help="Scale the scenario down to N packs, keeping the mix.", min=1)] = None,
+    truth: Annotated[
+        bool, typer.Option("--truth/--no-truth", help="Offline: write truth tables; live: publish truth topics.")
+    ] = False,
+    packs: Annotated[
+        int | None, typer.Option(help="Scale the scenario down to N packs, keeping the mix.", min=1)
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
-    dt: Annotated[float, typer.Option(help="Physics time step in seconds (telemetry cadence stays the scenario's).")] = 1.0,
+    dt: Annotated[
+        float, typer.Option(help="Physics time step in seconds (telemetry cadence stays the scenario's).")
+    ] = 1.0,
     pack_level: Annotated[
         bool, typer.Option("--pack-level", help="Two cell groups per string instead of every cell (faster).")
     ] = False,
     truth_every: Annotated[str, typer.Option(help="Cadence of the per-pack truth table.")] = "10s",
     site_truth_every: Annotated[str, typer.Option(help="Cadence of the site's forward-simulated runtime.")] = "15m",
-    aging_speedup: Annotated[float, typer.Option(help="Multiply aging rates (see months of fade in a short run).")] = 1.0,
+    aging_speedup: Annotated[
+        float, typer.Option(help="Multiply aging rates (see months of fade in a short run).")
+    ] = 1.0,
     list_scenarios: Annotated[bool, typer.Option("--list", help="List the packaged scenarios and exit.")] = False,
 ) -> None:
     """Run the pack and site emulators: to a run folder (--out) or live on MQTT (--mqtt).

@@ -603,9 +603,11 @@ def encode_frame(frame: pl.DataFrame, model: type[Message]) -> list[bytes]:
     comes first; null members are left out, as :func:`encode` leaves out ``None``.
 
     Examples:
-        >>> frame = pl.DataFrame({"pack": ["P1", "P2"], "state": ["online", "offline"], "ts_ms": [None, 1767225600000]})
-        >>> [p.decode() for p in encode_frame(frame, PackStatus)]
-        ['{"schema":"pack_status/1","pack":"P1","state":"online"}', '{"schema":"pack_status/1","pack":"P2","state":"offline","ts_ms":1767225600000}']
+        >>> frame = pl.DataFrame({"pack": ["P1", "P2"], "state": ["online", "offline"], "ts_ms": [None, 1_000]})
+        >>> for payload in encode_frame(frame, PackStatus):
+        ...     print(payload.decode())
+        {"schema":"pack_status/1","pack":"P1","state":"online"}
+        {"schema":"pack_status/1","pack":"P2","state":"offline","ts_ms":1000}
     """
     if frame.height == 0:
         return []
@@ -661,10 +663,7 @@ def _polars_dtype(annotation: Any) -> pl.DataType:
         return pl.List(_polars_dtype(typing.get_args(annotation)[0]))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return pl.Struct(
-            {
-                (info.alias or name): _polars_dtype(info.annotation)
-                for name, info in annotation.model_fields.items()
-            }
+            {(info.alias or name): _polars_dtype(info.annotation) for name, info in annotation.model_fields.items()}
         )
     simple: dict[Any, pl.DataType] = {bool: pl.Boolean(), int: pl.Int64(), float: pl.Float64(), str: pl.String()}
     if annotation in simple:

@@ -58,6 +58,7 @@ _META_VALUES: Final = (
     "current_max_charge_a",
     "temp_max_c",
 )
+_SITE_FLOATS: Final = ("load_w", "solar_w", "grid_w", "battery_w", "soc", "energy_to_floor_kwh", "max_discharge_w")
 _REJECT_SCHEMA: Final = {
     "msg": pl.Int64,
     "topic": pl.String,
@@ -188,7 +189,9 @@ class TwinCore:
         skewed = tele.filter(pl.col("ts_ms") > skew_limit)
         if skewed.height:
             self.counters["clock_skew"] += skewed.height
-            rejects.append(_reject(skewed, "clock_skew", f"timestamp more than {self.options.max_clock_skew_s:g} s ahead"))
+            rejects.append(
+                _reject(skewed, "clock_skew", f"timestamp more than {self.options.max_clock_skew_s:g} s ahead")
+            )
             tele = tele.filter(pl.col("ts_ms") <= skew_limit)
         refused = self._register(tele["pack"]) if tele.height else []
         if refused:
@@ -344,10 +347,7 @@ class TwinCore:
                 "max_discharge_w": [max_dis],
                 "quality": [["bms_soc"]],
             },
-            schema_overrides={
-                k: pl.Float64
-                for k in ("load_w", "solar_w", "grid_w", "battery_w", "soc", "energy_to_floor_kwh", "max_discharge_w")
-            },
+            schema_overrides=dict.fromkeys(_SITE_FLOATS, pl.Float64),
         )
 
 

@@ -681,7 +681,7 @@ def load_table(filename: str) -> Mapping[str, FloatArray]:
 @functools.cache
 def _build(name: str) -> CellChemistry:
     # Imported here because each cell-type module imports this one.
-    from twin.chemistry import lfp, lmo, nmc532, nmc811  # noqa: PLC0415
+    from twin.chemistry import lfp, lmo, nmc532, nmc811
 
     builders = {"nmc811": nmc811.build, "nmc532": nmc532.build, "lfp": lfp.build, "lmo": lmo.build}
     chemistry = builders[name]()

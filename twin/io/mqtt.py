@@ -122,8 +122,10 @@ class MqttLink:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, **kwargs)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        first = settings.reconnect_min_s * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not crypto
-        self.client.reconnect_delay_set(min_delay=max(1, round(first)), max_delay=max(1, round(settings.reconnect_max_s)))
+        first = settings.reconnect_min_s * random.uniform(0.5, 1.5)
+        self.client.reconnect_delay_set(
+            min_delay=max(1, round(first)), max_delay=max(1, round(settings.reconnect_max_s))
+        )
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
             self.client.username_pw_set(settings.username, password)
@@ -155,10 +157,13 @@ class MqttLink:
             if self._subscribe:
                 client.subscribe([(t, 1) for t in ingest_subscriptions(self.site)])
             log.info(
-                "MQTT connected to %s:%d (session %s)", self.host, self.port, "resumed" if self.session_present else "new"
+                "MQTT connected to %s:%d (session %s)",
+                self.host,
+                self.port,
+                "resumed" if self.session_present else "new",
             )
             self.connected.set()
-        except Exception as exc:  # noqa: BLE001 - a callback must never raise (paho#365)
+        except Exception as exc:
             self.counters["callback_errors"] += 1
             self.last_error = repr(exc)
 
@@ -168,12 +173,14 @@ class MqttLink:
                 log.warning("MQTT connection lost (%s); reconnecting", reason)
             self.connected.clear()
             self.counters["disconnects"] += 1
-        except Exception:  # noqa: BLE001 - a callback must never raise
+        except Exception:
             self.counters["callback_errors"] += 1
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
-            item = Inbound(topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos, received_s=time.monotonic())
+            item = Inbound(
+                topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos, received_s=time.monotonic()
+            )
             if self.on_message_hook is not None:
                 self.on_message_hook(item)
             try:
@@ -183,7 +190,7 @@ class MqttLink:
                 self.counters["queue_overflow"] += 1
                 return
             self.counters["received"] += 1
-        except Exception as exc:  # noqa: BLE001 - a callback must never raise (paho#365, #704)
+        except Exception as exc:
             self.counters["callback_errors"] += 1
             self.last_error = repr(exc)
             if msg.qos > 0:
@@ -201,7 +208,7 @@ class MqttLink:
         props = None
         kwargs: dict[str, Any] = {}
         if self.v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = int(self.settings.session_expiry_s)
             props.ReceiveMaximum = max(1, min(65535, self.queue.maxsize))
             kwargs = {"clean_start": False, "properties": props}
@@ -213,7 +220,8 @@ class MqttLink:
         self.client.loop_start()
         if wait and not self.connected.wait(_CONNECT_TIMEOUT_S):
             self.stop(publish_offline=False)
-            msg = f"the MQTT broker at {self.host}:{self.port} did not accept the connection: {self.last_error or 'timeout'}"
+            why = self.last_error or "timeout"
+            msg = f"the MQTT broker at {self.host}:{self.port} did not accept the connection: {why}"
             raise BrokerError(msg)
 
     def stop(self, *, publish_offline: bool = True) -> None:
@@ -267,7 +275,7 @@ class MqttLink:
         """Publish at QoS 1 (with a message expiry under MQTT 5)."""
         props = None
         if self.v5 and expiry_s:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = int(expiry_s)
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
