@@ -6,7 +6,8 @@ chemistry's OCV at a drifting SoC, with noise, under a random current). The figu
 pack-samples per second of :meth:`SocEstimator.update` on that frame, from a fresh
 estimator (best of a few repeats; the polars-to-numpy reshaping is included). The baseline is
 the same filter written the textbook way, one pack and one sample at a time with 5 x 5 numpy
-matrices (both RC pairs, the chemistry's own resistance methods), timed on a subset of the packs. Goal (issue): >= 1,000,000 pack-samples/s on one core.
+matrices (both RC pairs, the chemistry's own resistance methods), timed on a subset of the
+packs. Goal (issue): >= 1,000,000 pack-samples/s on one core.
 
 Usage: ``python benchmarks/soc_speed.py`` (prints a table; ``main()`` returns the figures).
 """

@@ -1,12 +1,17 @@
 """Pack state of charge by an extended Kalman filter, vectorised over every pack of the site.
 
 Each pack is treated as one equivalent cell group (pack voltage over the series count) with
-the equivalent circuit of its chemistry (:mod:`twin.chemistry`), and four states::
+the equivalent circuit of its chemistry (:mod:`twin.chemistry`: ``R0`` and one or two RC
+pairs), and five states::
 
-    x = [soc, v_rc_v, hyst, current_offset_a]
+    x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a]
 
 * ``soc``: mean SoC of the pack's cell groups, fraction;
-* ``v_rc_v``: voltage across the one RC pair of a cell group, V;
+* ``v_rc1_v``: voltage across the fast RC pair (``R1``, ``tau1``) of a cell group, V;
+* ``v_rc2_v``: voltage across the slow RC pair (``R2``, ``tau2``), V. For a chemistry
+  without one (``r2_ohm_ah = 0``: every one but lmo today) ``R2`` is zero and so are this
+  state's prior variance and process noise: it stays exactly at zero, uncorrelated with
+  the others, and the filter is the one-RC filter;
 * ``hyst``: Plett's normalised one-state hysteresis in [-1, 1] (it tends to -1 on discharge
   and +1 on charge; its amplitude ``H(soc)`` is zero except for LFP);
 * ``current_offset_a``: the current sensor's offset, A (the sensor reads true + offset),
@@ -17,17 +22,22 @@ sample ``k-1`` is held, as a BMS samples at the start of an interval), with ``i 
 offset``, positive on discharge, and ``Q`` the capacity prior in A·s::
 
     soc'    = soc - eta(i) * i * dt / Q                      eta = coulombic efficiency on charge
-    v_rc'   = a * v_rc + (1 - a) * R1 * i                    a = exp(-dt / tau1)
+    v_rc1'  = a1 * v_rc1 + (1 - a1) * R1 * i                 a1 = exp(-dt / tau1)
+    v_rc2'  = a2 * v_rc2 + (1 - a2) * R2 * i                 a2 = exp(-dt / tau2)
     hyst'   = f * hyst - (1 - f) * sign(i)                   f = exp(-gamma * |i| * dt / Q)
     offset' = offset
 
 and the measurement of sample ``k`` is the mean cell voltage::
 
-    voltage_v / series = OCV(soc) + H(soc) * hyst - R0 * (i_meas - offset) - v_rc
+    voltage_v / series = OCV(soc) + H(soc) * hyst - R0 * (i_meas - offset) - v_rc1 - v_rc2
 
-``R0`` and ``R1`` are the chemistry's ``R x Ah`` over the *rated* group capacity, times its
-SoC shape and Arrhenius factor at the sample's ``temp_avg_c``; ``R0`` also carries the
-connector share of the pack and any extra series resistance given in :class:`PackInfo`.
+``R0``, ``R1`` and ``R2`` are the chemistry's ``R x Ah`` over the *rated* group capacity,
+times its SoC shape and its temperature factor
+(:meth:`~twin.chemistry.CellChemistry.temp_factor`: Arrhenius, or piecewise Arrhenius in a
+measured table, evaluated per pack from its hinge form) at the sample's ``temp_avg_c``,
+exactly as :meth:`~twin.chemistry.CellChemistry.r0_ohm` and its siblings compute them;
+``R0`` also carries the connector share of the pack and any extra series resistance given
+in :class:`PackInfo`.
 
 How the filter is tuned, and what it says about itself:
 
@@ -97,7 +107,7 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
-from twin.chemistry import GAS_CONSTANT_J_PER_MOL_K, REFERENCE_TEMP_C, CellChemistry, get_chemistry
+from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
 from twin.estimators.base import Estimator, EstimatorError, check_columns, check_names, register
 
 __all__ = [
@@ -127,7 +137,9 @@ _KELVIN: Final = 273.15
 _T_REF_K: Final = REFERENCE_TEMP_C + _KELVIN
 _S_PER_H: Final = 3600.0
 _NO_TS: Final = -1
-_N_STATES: Final = 4
+_N_STATES: Final = 5
+# State indices: x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a].
+_SOC, _V1, _V2, _HY, _OFF = 0, 1, 2, 3, 4
 _SOC_LIMITS: Final = (-0.2, 1.2)  # the state may overshoot [0, 1] a little; outputs are clipped
 _CELL_OFFSET_LIMIT: Final = 0.5
 _SQRT3: Final = float(np.sqrt(3.0))
@@ -317,7 +329,7 @@ class SocOptions:
         ocv_error_v: error of the OCV table per cell, V (a bias, see ``ocv_error_corr_s``).
         ocv_error_corr_s: correlation time of that error, s.
         ocv_error_corr_soc: correlation length of that error in SoC.
-        resistance_error: relative error of R0 and R1 (aging, pack-to-pack spread).
+        resistance_error: relative error of R0, R1 and R2 (aging, pack-to-pack spread).
         capacity_error: relative error of the capacity prior, which makes SoC uncertainty grow
             with throughput.
         capacity_error_coherence: SoC swing over which the capacity error accumulates
@@ -326,7 +338,8 @@ class SocOptions:
         gap_current_sd_c: standard deviation of the unknown current during a gap, C-rate.
         hyst_error: standard deviation of the hysteresis model error per unit relaxation.
         hyst0_std: prior standard deviation of the hysteresis state.
-        v_rc0_std_v: prior standard deviation of the RC voltage, V.
+        v_rc0_std_v: prior standard deviation of each RC voltage, V (the slow pair's prior is
+            zero for a chemistry without one).
         connector_share: connector, busbar and contactor resistance as a share of the cells'
             R0 (2.9-4.3 % on the Kona packs, BATTERY_NOTES 1.2).
         cell_offset0_std: prior standard deviation of the weakest/strongest cell's SoC offset.
@@ -463,11 +476,19 @@ class SocParams:
     inv_q_as: F64  # (P,) 1 / capacity prior in A·s
     eta: F64
     tau_s: F64
+    tau2_s: F64
     gamma: F64
     r0_ref_ohm: F64  # (P,) per cell at 25 °C, 50 % SoC, incl. connector share
     r1_ref_ohm: F64
+    r2_ref_ohm: F64  # (P,) zero for a one-RC chemistry
     r_series_cell_ohm: F64
-    ea_over_r: F64
+    # The chemistry's temperature factor, ln f = tf_const + tf_slope * u + sum_j
+    # tf_changes[:, j] * max(u - tf_knots[:, j], 0) with u = 1/T - 1/T_ref
+    # (CellChemistry.temp_factor_hinges), padded with zero changes to the site's most knots.
+    tf_const: F64  # (P,)
+    tf_slope: F64  # (P,) K
+    tf_knots: F64  # (P, J) 1/K
+    tf_changes: F64  # (P, J) K
     inv_series: F64
     v_low_v: F64  # plausible mean cell voltage window
     v_high_v: F64
@@ -500,6 +521,14 @@ class SocParams:
             out: F64 = np.array([getter(c) for c in chems], dtype=np.float64)[index]
             return out
 
+        hinges = [c.temp_factor_hinges() for c in chems]
+        n_knots = max(h[2].size for h in hinges)
+        knots = np.zeros((len(chems), n_knots))
+        changes = np.zeros((len(chems), n_knots))
+        for k, (_, _, knot, change) in enumerate(hinges):
+            knots[k, : knot.size] = knot
+            changes[k, : change.size] = change
+
         rated = packs.rated_group_ah
         series = packs.series.astype(np.float64)
         o = options
@@ -514,11 +543,16 @@ class SocParams:
             "inv_q_as": 1.0 / (packs.capacity_ah * _S_PER_H),
             "eta": per_pack(lambda c: c.coulombic_efficiency),
             "tau_s": per_pack(lambda c: c.tau1_s),
+            "tau2_s": per_pack(lambda c: c.tau2_s),
             "gamma": per_pack(lambda c: c.hyst_rate_per_as),
             "r0_ref_ohm": per_pack(lambda c: c.r0_ohm_ah) / rated * (1.0 + o.connector_share),
             "r1_ref_ohm": per_pack(lambda c: c.r1_ohm_ah) / rated,
+            "r2_ref_ohm": per_pack(lambda c: c.r2_ohm_ah) / rated,
             "r_series_cell_ohm": packs.series_r_ohm / series,
-            "ea_over_r": per_pack(lambda c: c.activation_energy_j_per_mol) / GAS_CONSTANT_J_PER_MOL_K,
+            "tf_const": np.array([h[0] for h in hinges], dtype=np.float64)[index],
+            "tf_slope": np.array([h[1] for h in hinges], dtype=np.float64)[index],
+            "tf_knots": knots[index],
+            "tf_changes": changes[index],
             "inv_series": 1.0 / series,
             "v_low_v": v_min - 0.5,
             "v_high_v": v_max + 0.5,
@@ -553,8 +587,8 @@ class SocState:
 
     Attributes:
         pack_ids: the packs the rows belong to (checked on restore).
-        x: ``(P, 4)`` state mean ``[soc, v_rc_v, hyst, current_offset_a]``.
-        cov: ``(P, 4, 4)`` state covariance.
+        x: ``(P, 5)`` state mean ``[soc, v_rc1_v, v_rc2_v, hyst, current_offset_a]``.
+        cov: ``(P, 5, 5)`` state covariance.
         cell_offset: ``(P, 2)`` SoC of the weakest and of the strongest cell group minus ``soc``.
         cell_offset_var: ``(P, 2)`` their variances (at or above the prior's: no cell data yet).
         last_ts_ms: ``(P,)`` event time of the last processed sample, -1 before the first.
@@ -630,7 +664,9 @@ class SocState:
 
 
 def initial_state(params: SocParams) -> SocState:
-    """Return the prior: every pack at its SoC prior, no RC voltage, no hysteresis, no offset.
+    """Return the prior: every pack at its SoC prior, no RC voltages, no hysteresis, no offset.
+
+    The slow RC voltage's prior variance is zero for packs whose chemistry has no slow pair.
 
     Args:
         params: the filter parameters.
@@ -642,12 +678,13 @@ def initial_state(params: SocParams) -> SocState:
     o = params.options
     n = p.n_packs
     x = np.zeros((n, _N_STATES))
-    x[:, 0] = p.soc0
+    x[:, _SOC] = p.soc0
     cov = np.zeros((n, _N_STATES, _N_STATES))
-    cov[:, 0, 0] = p.soc0_std**2
-    cov[:, 1, 1] = o.v_rc0_std_v**2
-    cov[:, 2, 2] = o.hyst0_std**2
-    cov[:, 3, 3] = o.current_offset_sd_a**2
+    cov[:, _SOC, _SOC] = p.soc0_std**2
+    cov[:, _V1, _V1] = o.v_rc0_std_v**2
+    cov[:, _V2, _V2] = np.where(params.r2_ref_ohm > 0.0, o.v_rc0_std_v**2, 0.0)
+    cov[:, _HY, _HY] = o.hyst0_std**2
+    cov[:, _OFF, _OFF] = o.current_offset_sd_a**2
     zeros = np.zeros(n, dtype=np.int64)
     return SocState(
         pack_ids=p.pack_ids,
@@ -848,9 +885,36 @@ def _interp(table2: F64, row: IP, soc: F64) -> F64:
     return out
 
 
-def _arrhenius(ea_over_r: F64, temp_c: F64) -> F64:
-    out: F64 = np.exp(ea_over_r * (1.0 / (temp_c + _KELVIN) - 1.0 / _T_REF_K))
-    return out
+class _TempFactor:
+    """The active packs' :meth:`~twin.chemistry.CellChemistry.temp_factor`, vectorised over packs.
+
+    ``ln f = const + slope * u + sum_j change_j * max(u - knot_j, 0)`` with ``u = 1/T - 1/T_ref``
+    (the chemistry's hinge form, exact for Arrhenius and for a piecewise-Arrhenius table); the
+    loop runs over the site's few table knots, never over packs. Knots no active pack uses and
+    an all-zero constant are dropped up front.
+    """
+
+    __slots__ = ("const", "hinges", "slope")
+
+    def __init__(self, c: _PackConst) -> None:
+        self.slope = c.tf_slope
+        self.const: F64 | None = c.tf_const if bool(np.any(c.tf_const)) else None
+        self.hinges = [
+            (np.ascontiguousarray(c.tf_knots[:, j]), np.ascontiguousarray(c.tf_changes[:, j]))
+            for j in range(c.tf_knots.shape[1])
+            if bool(np.any(c.tf_changes[:, j]))
+        ]
+
+    def __call__(self, temp_c: F64) -> F64:
+        """Return every active pack's resistance factor ``R(T)/R(25 °C)`` at ``temp_c``."""
+        u = 1.0 / (temp_c + _KELVIN) - 1.0 / _T_REF_K
+        expo = self.slope * u
+        for knot, change in self.hinges:
+            expo += change * np.maximum(u - knot, 0.0)
+        if self.const is not None:
+            expo += self.const
+        out: F64 = np.exp(expo)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -861,11 +925,16 @@ class _PackConst:
     inv_q_as: F64
     eta: F64
     tau_s: F64
+    tau2_s: F64
     gamma: F64
     r0_ref_ohm: F64
     r1_ref_ohm: F64
+    r2_ref_ohm: F64
     r_series_cell_ohm: F64
-    ea_over_r: F64
+    tf_const: F64
+    tf_slope: F64
+    tf_knots: F64
+    tf_changes: F64
     inv_series: F64
     v_low_v: F64
     v_high_v: F64
@@ -925,7 +994,7 @@ class _Bank:
         self.ocv_table = np.ascontiguousarray(params.table[:, _OCV : _OCV + 2])
         self.rsoc_table = np.ascontiguousarray(params.table[:, _RSOC : _RSOC + 2])
         x = state.x[active]
-        self.soc, self.vrc, self.hy, self.off = (np.ascontiguousarray(x[:, j]) for j in range(_N_STATES))
+        self.soc, self.vrc1, self.vrc2, self.hy, self.off = (np.ascontiguousarray(x[:, j]) for j in range(_N_STATES))
         self.cov: F64 = state.cov[active]
         self.d_min: F64 = state.cell_offset[active, 0]
         self.d_max: F64 = state.cell_offset[active, 1]
@@ -934,56 +1003,72 @@ class _Bank:
         self.last_ts: I64 = state.last_ts_ms[active]
         self.last_i: F64 = state.last_current_a[active]
         self.last_t: F64 = state.last_temp_c[active]
+        self.temp_factor = _TempFactor(self.c)
+        # The temperature factor at last_t: set by each correction, read by the next prediction.
+        self.tf: F64 = self.temp_factor(self.last_t)
         n = active.size
         self.n = n
         self.n_gap = np.zeros(n, dtype=np.int64)
         self.n_skip = np.zeros(n, dtype=np.int64)
         self.n_done = np.zeros(n, dtype=np.int64)
-        # F = diag(d) + c e_3^T (only the offset column is off-diagonal), Q = diag(q), H row.
+        # F = diag(d) + c e_off^T (only the offset column is off-diagonal), Q = diag(q), H row.
         self.dvec = np.ones((n, _N_STATES))
         self.cvec = np.zeros((n, _N_STATES))
         self.qvec = np.zeros((n, _N_STATES))
         self.hrow = np.empty((n, _N_STATES))
-        self.hrow[:, 1] = -1.0
+        self.hrow[:, _V1] = -1.0
+        self.hrow[:, _V2] = -1.0
 
     def predict(self, dt: F64, gap: B) -> tuple[F64, F64]:
-        """Propagate over ``dt`` with the held current; return ``|dsoc|`` and R1 (Ω)."""
+        """Propagate over ``dt`` with the held current; return ``|dsoc|`` and ``R1 + R2`` (Ω)."""
         c, nz = self.c, self.noise
         i_true = self.last_i - self.off
         eff = np.where(i_true < 0.0, c.eta, 1.0)
         dt_q = dt * c.inv_q_as
         dsoc = -eff * i_true * dt_q
-        rsoc = _interp(self.rsoc_table, c.row, self.soc)
-        r1 = c.r1_ref_ohm * rsoc * _arrhenius(c.ea_over_r, self.last_t)
-        a = np.exp(-dt / c.tau_s)
-        one_a = -np.expm1(-dt / c.tau_s)
+        scale = _interp(self.rsoc_table, c.row, self.soc) * self.tf
+        r1 = c.r1_ref_ohm * scale
+        r2 = c.r2_ref_ohm * scale
+        a1 = np.exp(-dt / c.tau_s)
+        one_a1 = -np.expm1(-dt / c.tau_s)
+        a2 = np.exp(-dt / c.tau2_s)
+        one_a2 = -np.expm1(-dt / c.tau2_s)
         f = np.exp(-c.gamma * np.abs(i_true) * dt_q)
         sgn = np.sign(i_true)
         self.soc = self.soc + dsoc
-        self.vrc = a * self.vrc + one_a * r1 * i_true
-        self.cvec[:, 0] = eff * dt_q
-        self.cvec[:, 1] = -one_a * r1
-        self.cvec[:, 2] = f * c.gamma * dt_q * sgn * (self.hy + sgn)
+        g1 = one_a1 * r1
+        g2 = one_a2 * r2
+        self.vrc1 = a1 * self.vrc1 + g1 * i_true
+        self.vrc2 = a2 * self.vrc2 + g2 * i_true
+        cvec, dvec, qvec = self.cvec, self.dvec, self.qvec
+        cvec[:, _SOC] = eff * dt_q
+        cvec[:, _V1] = -g1
+        cvec[:, _V2] = -g2
+        cvec[:, _HY] = f * c.gamma * dt_q * sgn * (self.hy + sgn)
         self.hy = f * self.hy - (1.0 - f) * sgn
-        self.dvec[:, 1] = a
-        self.dvec[:, 2] = f
+        dvec[:, _V1] = a1
+        dvec[:, _V2] = a2
+        dvec[:, _HY] = f
         abs_dsoc = np.abs(dsoc)
         gap_var = np.where(gap, nz.gap2_per_s2 * dt * dt, 0.0)
-        self.qvec[:, 0] = nz.current2 * (eff * dt_q) ** 2 + nz.capacity2 * abs_dsoc + nz.soc_rw2_per_s * dt + gap_var
-        self.qvec[:, 1] = (one_a * r1) ** 2 * (nz.current2 + nz.resistance2 * i_true * i_true)
-        self.qvec[:, 2] = (nz.hyst_error * (1.0 - f)) ** 2
-        self.qvec[:, 3] = nz.offset_rw2_per_s * dt
-        cov, dvec, cvec = self.cov, self.dvec, self.cvec
-        g = dvec[:, :, None] * cov + cvec[:, :, None] * cov[:, 3:4, :]
-        cov = g * dvec[:, None, :] + g[:, :, 3:4] * cvec[:, None, :]
-        cov.reshape(self.n, _N_STATES * _N_STATES)[:, :: _N_STATES + 1] += self.qvec
+        i_var = nz.current2 + nz.resistance2 * i_true * i_true
+        qvec[:, _SOC] = nz.current2 * (eff * dt_q) ** 2 + nz.capacity2 * abs_dsoc + nz.soc_rw2_per_s * dt + gap_var
+        qvec[:, _V1] = g1 * g1 * i_var
+        qvec[:, _V2] = g2 * g2 * i_var  # zero without a slow pair: that state stays at zero
+        qvec[:, _HY] = (nz.hyst_error * (1.0 - f)) ** 2
+        qvec[:, _OFF] = nz.offset_rw2_per_s * dt
+        cov = self.cov
+        g = dvec[:, :, None] * cov + cvec[:, :, None] * cov[:, _OFF : _OFF + 1, :]
+        cov = g * dvec[:, None, :] + g[:, :, _OFF : _OFF + 1] * cvec[:, None, :]
+        cov.reshape(self.n, _N_STATES * _N_STATES)[:, :: _N_STATES + 1] += qvec
         self.cov = cov
         d_q = nz.cell_rw2 * abs_dsoc
         self.var_min = self.var_min + d_q
         self.var_max = self.var_max + d_q
-        return abs_dsoc, r1
+        r_rc: F64 = r1 + r2
+        return abs_dsoc, r_rc
 
-    def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64, r1: F64) -> None:
+    def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64, r_rc: F64) -> None:
         """Measurement update with the *k*-th samples (packs without one are left alone)."""
         c, nz, o = self.c, self.noise, self.o
         m = samples.mask[k]
@@ -995,15 +1080,16 @@ class _Bank:
         rows, frac = _lookup(self.table, c.row, soc)
         ocv = _col(rows, frac, _OCV)
         amp = _col(rows, frac, _HYST)
-        ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[:, 0, 0])
-        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * _arrhenius(c.ea_over_r, t_now) + c.r_series_cell_ohm
+        ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[:, _SOC, _SOC])
+        tf_now = self.temp_factor(t_now)
+        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf_now + c.r_series_cell_ohm
         i_true = i_now - self.off
         y = samples.voltage_v[k] * c.inv_series
-        innov = y - (ocv_mean + amp * hy - r0 * i_true - self.vrc)
+        innov = y - (ocv_mean + amp * hy - r0 * i_true - self.vrc1 - self.vrc2)
         hrow = self.hrow
-        hrow[:, 0] = slope + _col(rows, frac, _DHYST) * hy
-        hrow[:, 2] = amp
-        hrow[:, 3] = r0
+        hrow[:, _SOC] = slope + _col(rows, frac, _DHYST) * hy
+        hrow[:, _HY] = amp
+        hrow[:, _OFF] = r0
         # Model errors (OCV table, resistances) are biases: they decorrelate after
         # ocv_error_corr_soc of SoC travel or ocv_error_corr_s of time, whichever comes first,
         # so the samples in between count as one.
@@ -1019,22 +1105,24 @@ class _Bank:
         gain = np.where(valid, 1.0 / s, 0.0)
         innov = np.where(valid, innov, 0.0)
         kal = ph * gain[:, None]
-        self.soc = np.clip(soc + kal[:, 0] * innov, *_SOC_LIMITS)
-        self.vrc = self.vrc + kal[:, 1] * innov
-        self.hy = np.clip(hy + kal[:, 2] * innov, -1.0, 1.0)
-        self.off = self.off + kal[:, 3] * innov
+        self.soc = np.clip(soc + kal[:, _SOC] * innov, *_SOC_LIMITS)
+        self.vrc1 = self.vrc1 + kal[:, _V1] * innov
+        self.vrc2 = self.vrc2 + kal[:, _V2] * innov
+        self.hy = np.clip(hy + kal[:, _HY] * innov, -1.0, 1.0)
+        self.off = self.off + kal[:, _OFF] * innov
         cov = cov - kal[:, :, None] * ph[:, None, :]
         # Keep the covariance exactly symmetric (rounding would otherwise skew it over millions of steps).
         cov += cov.transpose(0, 2, 1)
         cov *= 0.5
         self.cov = cov
 
-        r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * ((r0 + r1) * i_true) ** 2) * corr
+        r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * ((r0 + r_rc) * i_true) ** 2) * corr
         base = _CellBase(soc=self.soc, hy=self.hy, ocv=ocv, amp=amp, y=y, r_cell=r_cell, valid=valid)
         self._correct_cells(k, samples, base)
         self.last_ts = np.where(m, samples.ts_ms[k], self.last_ts)
         self.last_i = i_now
         self.last_t = t_now
+        self.tf = tf_now
         self.n_skip += m & ~valid
         self.n_done += m
 
@@ -1116,8 +1204,8 @@ def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
         dt = np.where(m & started, (samples.ts_ms[k] - bank.last_ts) * 1e-3, 0.0)
         gap = dt > max_gap_s
         bank.n_gap += gap
-        abs_dsoc, r1 = bank.predict(dt, gap)
-        bank.correct(k, samples, dt, abs_dsoc, r1)
+        abs_dsoc, r_rc = bank.predict(dt, gap)
+        bank.correct(k, samples, dt, abs_dsoc, r_rc)
     return _merge(state, samples, bank)
 
 
@@ -1132,7 +1220,7 @@ def _merge(state: SocState, samples: SocSamples, bank: _Bank) -> SocState:
 
     return SocState(
         pack_ids=state.pack_ids,
-        x=put(state.x, np.column_stack([bank.soc, bank.vrc, bank.hy, bank.off])),
+        x=put(state.x, np.column_stack([bank.soc, bank.vrc1, bank.vrc2, bank.hy, bank.off])),
         cov=put(state.cov, bank.cov),
         cell_offset=put(state.cell_offset, np.column_stack([bank.d_min, bank.d_max])),
         cell_offset_var=put(state.cell_offset_var, np.column_stack([bank.var_min, bank.var_max])),
@@ -1240,9 +1328,9 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
         The estimate.
     """
     o = params.options
-    soc_raw = state.x[:, 0]
+    soc_raw = state.x[:, _SOC]
     soc = np.clip(soc_raw, 0.0, 1.0)
-    var = state.cov[:, 0, 0]
+    var = state.cov[:, _SOC, _SOC]
     soc_std = np.sqrt(np.maximum(var, 0.0))
     # The offsets' variances only grow until cell voltages arrive: at the prior's, no data yet.
     has_cells = state.cell_offset_var < o.cell_offset0_std**2 * 0.999
@@ -1278,7 +1366,7 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
         soc_min_cell=_frozen(s_min, np.float64),
         soc_max_cell=_frozen(s_max, np.float64),
         soc_usable=_frozen(usable, np.float64),
-        current_offset_a=_frozen(state.x[:, 3], np.float64),
+        current_offset_a=_frozen(state.x[:, _OFF], np.float64),
         flags=_frozen(flags, np.int64),
     )
 
