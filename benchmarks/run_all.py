@@ -26,6 +26,18 @@ RUNNER = (
 )
 
 
+def _flatten(figures: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested figures become ``outer: inner`` rows."""
+    out: dict[str, object] = {}
+    for key, value in figures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}: "))
+        else:
+            out[name] = value
+    return out
+
+
 def main() -> int:
     """Run the benchmarks named on the command line (default: all) and print one table."""
     wanted = set(sys.argv[1:])
@@ -47,7 +59,7 @@ def main() -> int:
             rows.append((script.stem, "FAILED", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"))
             continue
         figures = json.loads(proc.stdout.split("@@RESULT@@", 1)[1])
-        for key, value in figures.items():
+        for key, value in _flatten(figures).items():
             text = f"{value:,.4g}" if isinstance(value, float) else str(value)
             rows.append((script.stem, key, text))
         rows.append((script.stem, "benchmark wall s", f"{elapsed:.1f}"))
