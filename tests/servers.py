@@ -139,6 +139,9 @@ class Mosquitto(_Server):
         anonymous = "" if "allow_anonymous" in self.extra_conf else "allow_anonymous true\n"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # As root, mosquitto would drop to the `mosquitto` user and fail to save its
+            # persistence file in our root-owned folder: keep the user we run as.
+            f"{'user root' + chr(10) if os.geteuid() == 0 else ''}"
             f"{anonymous}"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"

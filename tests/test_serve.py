@@ -218,6 +218,8 @@ def test_every_valid_message_once_and_every_invalid_one_dead_lettered(
         assert sorted(reasons) == sorted(r for _, _, r in BAD)
         metrics = serve.metrics()
         assert 'mgtwin_invalid_total{reason="not_json"} 3' in metrics
+        written = len(messages.telemetry_keys) + messages.cells + messages.site_rows
+        assert f"mgtwin_written_points_total {written}\n" in metrics
         health = serve.health()
         assert health["status"] == "ok"
         assert serve.stop() == 0

@@ -132,3 +132,13 @@ def test_missing_binary_says_how_to_install() -> None:
         require_binary("mosquitto-does-not-exist")
     assert require_binary("mosquitto")
     assert require_binary("influxd")
+
+
+def test_the_broker_persists_its_state(mosquitto: Mosquitto, unique_site: str) -> None:
+    with _client(mosquitto, f"{unique_site}-pub") as pub:
+        pub.publish(f"microgrid/{unique_site}/persist", b"x", qos=1, retain=True).wait_for_publish(5)
+    deadline = time.monotonic() + 5
+    while not (mosquitto.workdir / "mosquitto.db").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (mosquitto.workdir / "mosquitto.db").exists()
+    assert "Permission denied" not in mosquitto.log_path.read_text()

@@ -240,7 +240,7 @@ class Service:
     def _write(self, bodies: list[bytes]) -> WriteOutcome | None:
         if self.writer is None or not bodies:
             return None
-        body = b"\n".join(bodies)
+        body = b"".join(b if b.endswith(b"\n") else b + b"\n" for b in bodies)
 
         def on_retry(outcome: WriteOutcome, delay: float) -> None:
             self.stats.counts["write_retries"] += 1
@@ -259,7 +259,7 @@ class Service:
             self.stats.influx_ok = True
             self.stats.influx_error = None
             self.stats.last_write_s = time.monotonic()
-            self.stats.counts["written_points"] += body.count(b"\n") + 1
+            self.stats.counts["written_points"] += body.count(b"\n")
         elif outcome.status == "rejected":
             log.error("InfluxDB rejected a batch (%s): dead-lettered", outcome.message)
         return outcome
@@ -325,8 +325,8 @@ class Service:
         """Publish the site and pack state on MQTT and write state and health to InfluxDB."""
         self._last_publish_s = time.monotonic()
         now_ms = self.clock.now_ms()
-        if not self.core.packs.ids and self.core.site_row is None:
-            return
+        if self.core.watermark_ms <= 0:
+            return  # no telemetry yet (meta and status alone carry no event time to stamp a state with)
         site = self.core.site_frame(now_ms)
         packs = self.core.pack_frame(now_ms)
         self._last_site = self._site_signature(now_ms)
@@ -357,7 +357,7 @@ class Service:
                 self._render(packs.filter(pl.col("ts_ms") > 0), "pack_state"),
                 self._render(health, "twin_health"),
             ]
-            outcome = self.writer.write(b"\n".join(b for b in bodies if b))
+            outcome = self.writer.write(b"".join(b if b.endswith(b"\n") else b + b"\n" for b in bodies if b))
             if outcome.status != "ok":
                 self.stats.counts["state_write_failures"] += 1
 
