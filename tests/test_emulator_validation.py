@@ -59,6 +59,7 @@ from emulators.pack import CONNECTOR_SHARE, ChemistryTables, PackBank, PackParam
 from emulators.run import Emulation, EmulationOptions
 from emulators.scenario import load_scenario
 from tests import leaf_data
+from tests.test_aging import NOTES_TABLE
 from twin.chemistry import CellChemistry, get_chemistry, ocv_from_slow_cycle
 from twin.chemistry.aging import get_aging_law
 
@@ -444,31 +445,9 @@ AGING_CHEMISTRIES = ("nmc811", "nmc532", "lfp")
 AGING_CONDITIONS = ("cal50_25", "cal90_25", "cal90_35", "cyc1_25", "cyc1_35")
 AGING_TEMP_C = {"cal50_25": 25.0, "cal90_25": 25.0, "cal90_35": 35.0, "cyc1_25": 25.0, "cyc1_35": 35.0}
 CALENDAR_SOC = {"cal50_25": 0.5, "cal90_25": 0.9, "cal90_35": 0.9}
-# BATTERY_NOTES.md section 1.4, "Scenario check": relative capacity after (5, 10) years, for the
-# BLAST-Lite model each chemistry's aging law implements.
-NOTES_FADE = {
-    "nmc811_grsi_lgm50": {
-        "cal50_25": (0.883, 0.816),
-        "cal90_25": (0.866, 0.789),
-        "cal90_35": (0.809, 0.700),
-        "cyc1_25": (0.762, 0.655),
-        "cyc1_35": (0.712, 0.578),
-    },
-    "nmc622_gr_denso50ah": {
-        "cal50_25": (0.942, 0.917),
-        "cal90_25": (0.950, 0.929),
-        "cal90_35": (0.921, 0.888),
-        "cyc1_25": (0.775, 0.682),
-        "cyc1_35": (0.775, 0.681),
-    },
-    "lfp_gr_250ah_prismatic": {
-        "cal50_25": (0.974, 0.963),
-        "cal90_25": (0.961, 0.944),
-        "cal90_35": (0.929, 0.897),
-        "cyc1_25": (0.933, 0.889),
-        "cyc1_35": (0.923, 0.877),
-    },
-}
+# BATTERY_NOTES.md section 1.4, "Scenario check" (written once, in tests/test_aging.py): relative
+# capacity after (5, 10) years, for the BLAST-Lite model each chemistry's aging law implements.
+NOTES_FADE = {law: NOTES_TABLE[law] for law in ("nmc811_grsi_lgm50", "nmc622_gr_denso50ah", "lfp_gr_250ah_prismatic")}
 PROFILE_STEP_S = 900.0  # BLAST-Lite's 15-min sampling of the reference day
 PROFILE_STEPS = 96
 DAYS_PER_YEAR = 365
