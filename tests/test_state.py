@@ -98,8 +98,8 @@ def test_staleness_status_and_availability(core: TwinCore) -> None:
     assert core.available(T0 + 41_000).tolist() == [False, False]
 
 
-def test_site_aggregates_weight_by_capacity_and_leave_out_unavailable_packs(core: TwinCore) -> None:
-    # P1: 100 Ah at SoH 1.0, SoC 0.8; P2: 50 Ah at SoH 0.5, SoC 0.2 (25 Ah usable); P3: offline.
+def test_site_aggregates_the_estimates_of_available_packs_and_leaves_out_the_rest(core: TwinCore) -> None:
+    """Site energy is the sum over available packs; an offline pack counts for nothing; the BMS's SoC is not used."""
     feed(
         core,
         [
@@ -116,14 +116,32 @@ def test_site_aggregates_weight_by_capacity_and_leave_out_unavailable_packs(core
     assert site["packs_total"] == 3
     assert site["packs_online"] == 2
     assert site["packs_offline"] == 1
-    # Voltage 360 V nominal for both: weights 100 Ah and 25 Ah.
-    assert site["soc"] == pytest.approx((0.8 * 100 + 0.2 * 25) / 125)
-    floor = core.options.reserve_floor_soc
-    expected = ((0.8 - floor) * 100 + (0.2 - floor) * 25) * 360 / 1000
-    assert site["energy_to_floor_kwh"] == pytest.approx(expected)
     packs = core.pack_frame(T0)
     assert packs["online"].to_list() == [True, True, False]
-    assert np.isclose(packs["energy_to_floor_kwh"][0], (0.8 - floor) * 100 * 360 / 1000)
+    assert packs["soc"].null_count() == 0
+    assert packs["soc_bms"].to_list() == [0.8, 0.2, 1.0]  # reported beside the estimate, unchanged
+    energy = packs["energy_to_floor_kwh"].to_numpy()
+    assert np.all(energy[:2] > 0)
+    assert np.isnan(energy[2])  # offline: it cannot deliver, so no energy is counted for it
+    assert site["energy_to_floor_kwh"] == pytest.approx(energy[0] + energy[1], rel=1e-9)  # P3 offline: left out
+    assert site["energy_to_floor_kwh_p5"] <= site["energy_to_floor_kwh"] <= site["energy_to_floor_kwh_p95"]
+    lo, hi = sorted(packs["soc"].to_list()[:2])
+    assert lo <= site["soc"] <= hi  # a weighted mean of the available packs' SoC
+    # Feeding the BMS a different SoC changes nothing in the estimates.
+    other = TwinCore(core.options)
+    feed(
+        other,
+        [
+            meta("P1", rated_capacity_ah=100.0, rated_energy_kwh=36.0),
+            meta("P2", rated_capacity_ah=50.0, rated_energy_kwh=18.0),
+            meta("P3", rated_capacity_ah=100.0, rated_energy_kwh=36.0),
+            telemetry("P1", 0, T0, soc_bms=0.1, soh_bms=0.7),
+            telemetry("P2", 0, T0, soc_bms=0.9, soh_bms=0.9),
+            telemetry("P3", 0, T0 - 120_000, soc_bms=0.0, soh_bms=1.0),
+        ],
+        T0,
+    )
+    assert other.site_frame(T0)["energy_to_floor_kwh"].item() == site["energy_to_floor_kwh"]
 
 
 def test_empty_batch_changes_nothing(core: TwinCore) -> None:

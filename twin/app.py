@@ -89,16 +89,7 @@ class Service:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.site = settings.site
-        self.core = TwinCore(
-            CoreOptions(
-                site=settings.site,
-                stale_after_s=settings.ingest.stale_after_s,
-                late_window_s=settings.ingest.late_window_s,
-                max_clock_skew_s=settings.ingest.max_clock_skew_s,
-                max_packs=settings.ingest.max_packs,
-                reserve_floor_soc=settings.estimation.reserve_floor_soc,
-            )
-        )
+        self.core = TwinCore(CoreOptions.from_settings(settings))
         self.writer = writer if writer is not None else (make_writer(settings.influx) if settings.influx.url else None)
         self.link = link or MqttLink(
             settings.mqtt,
@@ -339,7 +330,7 @@ class Service:
         )
         # Packs whose state did not move beyond the threshold since they were last published are
         # skipped (their retained message still holds); chosen for all packs at once.
-        signature = packs["soc_bms"].fill_null(0.0).to_numpy() + np.where(packs["online"].to_numpy(), 100.0, 0.0)
+        signature = packs["soc"].fill_null(0.0).to_numpy() + np.where(packs["online"].to_numpy(), 100.0, 0.0)
         last = np.full(signature.size, -1e9)
         known = min(self._pack_signature.size, signature.size)
         last[:known] = self._pack_signature[:known]

@@ -202,6 +202,107 @@ def parse_duration(text: str) -> float:
 
 
 @app.command()
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (from `mgtwin emulate --out` or `mgtwin record`).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for estimates.parquet and site_estimates.parquet.")
+    ] = None,
+    every: Annotated[str, typer.Option(help="Estimate cadence in event time (window length).")] = "60s",
+    config: ConfigOption = None,
+) -> None:
+    """Replay a recorded run through the twin offline, as fast as it goes, and write its estimates.
+
+    The run's telemetry goes, in event time, through the same core as `mgtwin serve` (mirror,
+    data-quality rules, SoC filter, energy and runtime model); after every window of --every the
+    pack and site views are taken as the service would publish them. Writes estimates.parquet
+    (per pack), site_estimates.parquet (per site) and replay.json into --out (default: the run
+    folder), ready for `mgtwin evaluate`. The reserve floor and estimator options come from the
+    settings (MGTWIN_ESTIMATION__RESERVE_FLOOR_SOC, ...).
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from twin.config import load_settings
+    from twin.replay import ReplayOptions, RunFolder, replay_run, write_outputs
+    from twin.state import CoreOptions
+
+    settings = load_settings(config)
+    run = RunFolder.open(run_dir)
+    core_options = CoreOptions.from_settings(settings, site=run.site)
+    console.print(f"replaying [bold]{run.site}[/]: {run.meta.height} packs, {run.telemetry_rows:,} telemetry rows")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("replaying", total=run.telemetry_rows)
+        result = replay_run(
+            run,
+            core_options=core_options,
+            options=ReplayOptions(every_s=parse_duration(every)),
+            progress=lambda done: bar.update(task, completed=done),
+        )
+    paths = write_outputs(result, out or run_dir)
+    info = result.info
+    console.print(
+        f"done: {info['telemetry_rows']:,} rows of {info['packs']} packs in {info['wall_s']:.1f} s "
+        f"({info['rows_per_s'] or 0:,} pack-samples/s), {info['windows']} windows; "
+        f"duplicates {info['quality']['duplicate']}, late {info['quality']['late']}"
+    )
+    for path in paths:
+        console.print(f"  {path}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with the emulator's truth (emulate --truth).")],
+    estimates: Annotated[
+        Path | None, typer.Option("--estimates", help="Folder of the replay's estimates (default: the run folder).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write eval_site.png and eval_packs.png.")] = True,
+    skip: Annotated[str, typer.Option(help="Leave out the start of the run (the filters' warm-up).")] = "1h",
+) -> None:
+    """Score the twin's estimates against the emulator's truth (after `mgtwin replay`).
+
+    Prints SoC RMSE (overall, by chemistry, and the BMS-reported SoC scored the same way),
+    energy-to-floor, runtime and ride-through MAPE and how often the truth fell inside the
+    twin's P5-P95 band. Errors are fractions in --json (0.012 = 1.2 %). Plots of estimate
+    against truth with the bands, for the site and the worst packs, go beside the estimates.
+    """
+    from twin.evaluate import EvaluateOptions, evaluate_run, plot_run
+
+    options = EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
+    scores = evaluate_run(run_dir, estimates_dir=estimates, options=options)
+    files = plot_run(run_dir, estimates or run_dir, estimates_dir=estimates, options=options) if plots else []
+    if as_json:
+        sys.stdout.write(json.dumps({**scores, "plots": [str(f) for f in files]}, sort_keys=True) + "\n")
+        return
+
+    def pct(value: object) -> str:
+        return "-" if value is None else f"{float(value):.2%}"  # type: ignore[arg-type]
+
+    table = Table("figure", "twin", "BMS", title=f"{run_dir}: estimates against the truth (after {skip})")
+    table.add_row("SoC RMSE", pct(scores["soc_rmse"]), pct(scores["soc_rmse_bms"]))
+    for chem, value in (scores["soc_rmse_by_chemistry"] or {}).items():
+        table.add_row(f"  {chem}", pct(value), pct((scores["soc_rmse_bms_by_chemistry"] or {}).get(chem)))
+    table.add_row("pack energy to floor MAPE", pct(scores["pack_energy_mape"]), "")
+    for name in ("energy", "runtime", "ridethrough"):
+        table.add_row(f"site {name} MAPE", pct(scores[f"{name}_mape"]), "")
+        table.add_row(f"site {name} P5-P95 coverage", pct(scores[f"{name}_band_coverage"]), "")
+    console.print(table)
+    console.print(
+        f"{scores['packs_scored']} packs, {scores['pack_rows_scored']:,} pack rows, "
+        f"{scores['site_rows_scored']} site rows"
+    )
+    for f in files:
+        console.print(f"plot: {f}")
+
+
+@app.command()
 def emulate(
     scenario: Annotated[
         str, typer.Option("--scenario", "-s", help="Packaged scenario name (see --list) or path to a TOML file.")

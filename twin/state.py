@@ -18,8 +18,11 @@ Data-quality rules, per pack (counted in :attr:`TwinCore.counters`):
 * **cardinality cap**: at most ``max_packs`` distinct packs; telemetry of further packs is
   refused (reason ``cardinality_cap``), so a flood of random ids cannot blow up InfluxDB.
 
-Until the estimators land, the site's SoC and energy aggregate each pack's BMS-reported
-SoC over its BMS-reported capacity, and say so with the quality flag ``bms_soc``.
+Estimates: the mirror feeds the accepted telemetry and the metadata to
+:class:`twin.estimation.SiteEstimation` (the SoC filter and the energy model, grown as packs
+appear); :meth:`TwinCore.pack_frame` and :meth:`TwinCore.site_frame` report its SoC, energy
+to the reserve floor, runtime and ride-through, with their bands and quality flags. The
+BMS-reported SoC and SoH are reported beside them (``soc_bms``, ``soh_bms``), never mixed in.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
+from twin.config import Settings
+from twin.estimation import EstimationOptions, PackEstimates, SiteEstimation
+from twin.estimators.energy import SiteOutlook
 from twin.pipeline import Decoded
 
 __all__ = ["CoreOptions", "IngestResult", "TwinCore"]
@@ -58,7 +64,25 @@ _META_VALUES: Final = (
     "current_max_charge_a",
     "temp_max_c",
 )
-_SITE_FLOATS: Final = ("load_w", "solar_w", "grid_w", "battery_w", "soc", "energy_to_floor_kwh", "max_discharge_w")
+_SITE_FLOATS: Final = (
+    "load_w",
+    "solar_w",
+    "grid_w",
+    "battery_w",
+    "soc",
+    "soc_p5",
+    "soc_p95",
+    "energy_to_floor_kwh",
+    "energy_to_floor_kwh_p5",
+    "energy_to_floor_kwh_p95",
+    "max_discharge_w",
+    "runtime_s_p5",
+    "runtime_s_p50",
+    "runtime_s_p95",
+    "ridethrough_s_p5",
+    "ridethrough_s_p50",
+    "ridethrough_s_p95",
+)
 _REJECT_SCHEMA: Final = {
     "msg": pl.Int64,
     "topic": pl.String,
@@ -78,6 +102,19 @@ class CoreOptions:
     max_clock_skew_s: float = 300.0
     max_packs: int = 5000
     reserve_floor_soc: float = 0.10
+    estimation: EstimationOptions | None = None  # default: EstimationOptions(reserve_floor_soc=...)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, site: str | None = None) -> CoreOptions:
+        """The core's options from the service settings (live and replay use this one mapping)."""
+        return cls(
+            site=site or settings.site,
+            stale_after_s=settings.ingest.stale_after_s,
+            late_window_s=settings.ingest.late_window_s,
+            max_clock_skew_s=settings.ingest.max_clock_skew_s,
+            max_packs=settings.ingest.max_packs,
+            reserve_floor_soc=settings.estimation.reserve_floor_soc,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +189,12 @@ class TwinCore:
         self.site_row: dict[str, object] | None = None
         self._recent = pl.DataFrame(schema={"pack": pl.String, "seq": pl.Int64, "ts_ms": pl.Int64})
         self.counters: dict[str, int] = {"duplicate": 0, "late": 0, "clock_skew": 0, "cardinality_cap": 0}
+        self.estimation = SiteEstimation(
+            options.estimation or EstimationOptions(reserve_floor_soc=options.reserve_floor_soc)
+        )
+        self._version = 0  # bumped by every ingest: the views below are cached per (now, version)
+        self._views_key: tuple[int, int] | None = None
+        self._views_value: _Views | None = None
 
     # ------------------------------------------------------------------ ingest
 
@@ -180,6 +223,8 @@ class TwinCore:
             rejects, and the duplicate and late counts.
         """
         rejects: list[pl.DataFrame] = []
+        self._version += 1
+        watermark_before = self.watermark_ms  # "late" is relative to what came before this batch
         self._apply_meta(decoded.meta)
         self._apply_status(decoded.status)
         self._apply_site(decoded.site)
@@ -209,7 +254,7 @@ class TwinCore:
 
         late = 0
         if tele.height:
-            horizon = self.watermark_ms - int(self.options.late_window_s * 1000)
+            horizon = watermark_before - int(self.options.late_window_s * 1000)
             late = int((tele["ts_ms"] < horizon).sum())
             self.counters["late"] += late
             self.watermark_ms = max(self.watermark_ms, int(tele["ts_ms"].max()))  # type: ignore[arg-type]
@@ -218,6 +263,7 @@ class TwinCore:
                 pl.col("ts_ms") >= keep_from
             )
             self._apply_telemetry(tele)
+            self.estimation.update(tele)
         tags = pl.DataFrame(
             {"pack": self.packs.ids, "chemistry": self.packs.chemistry, "life": self.packs.life},
             schema={"pack": pl.String, "chemistry": pl.String, "life": pl.String},
@@ -256,6 +302,7 @@ class TwinCore:
         for i, chem, life in zip(idx, known["chemistry"], known["life"], strict=True):  # per meta message, rare
             self.packs.chemistry[i] = chem
             self.packs.life[i] = life
+        self.estimation.add_meta(known)
 
     def _apply_status(self, status: pl.DataFrame) -> None:
         if status.height == 0:
@@ -288,32 +335,94 @@ class TwinCore:
         out: B = self.online(now_ms) & p.contactor_closed & (p.fault_bits == 0) & p.has_meta
         return out
 
-    def pack_frame(self, now_ms: int) -> pl.DataFrame:
-        """Every pack's state in the contract's TwinPackState columns (plus chemistry and life tags)."""
+    def _views(self, now_ms: int) -> _Views:
+        """The estimates at ``now_ms``, computed once per (now, ingest) and shared by both frames."""
+        key = (now_ms, self._version)
+        if self._views_key == key and self._views_value is not None:
+            return self._views_value
+        p = self.packs
+        est = self.estimation.packs(now_ms=now_ms)
+        outlook: SiteOutlook | None = None
+        rows = np.zeros(0, dtype=np.int64)
+        if est is not None:
+            rows = np.array([p.index[k] for k in est.pack_ids], dtype=np.int64)  # per pack, publish cadence
+            site = self.site_row or {}
+            v = p.values
+            outlook = self.estimation.outlook(
+                est,
+                temp_c=v["temp_avg_c"][rows],
+                current_a=v["current_a"][rows],
+                available=self.available(now_ms)[rows],
+                battery_w=_finite_or_none(site.get("battery_w")),
+                load_w=_finite_or_none(site.get("load_w")),
+            )
+        views = _Views(estimates=est, rows=rows, outlook=outlook)
+        self._views_key, self._views_value = key, views
+        return views
+
+    def pack_frame(self, now_ms: int, *, extended: bool = False) -> pl.DataFrame:
+        """Every pack's state in the contract's TwinPackState columns (plus chemistry and life tags).
+
+        Args:
+            now_ms: the time now (staleness).
+            extended: also return the estimator's internals (``soc_mean``, ``soc_min_cell``,
+                ``current_offset_a``) for the offline replay's ``estimates.parquet``.
+        """
         p = self.packs
         v = p.values
+        n = len(p.ids)
         online = self.online(now_ms)
         available = self.available(now_ms)
-        floor = self.options.reserve_floor_soc
-        capacity = v["rated_capacity_ah"] * v["soh_bms"]
-        v_nom = v["rated_energy_kwh"] * 1000.0 / v["rated_capacity_ah"]
-        energy = np.clip(v["soc_bms"] - floor, 0.0, None) * capacity * v_nom / 1000.0
-        quality = [["bms_soc"] if ok else ["bms_soc", "offline"] for ok in online]
+        views = self._views(now_ms)
+        est, rows, outlook = views.estimates, views.rows, views.outlook
+        columns = (
+            "soc",
+            "soc_std",
+            "soc_mean",
+            "soc_min_cell",
+            "current_offset_a",
+            "capacity_ah",
+            "capacity_std_ah",
+            "rated_ah",
+        )
+        values = {name: np.full(n, np.nan) for name in (*columns, "e50", "e5", "e95")}
+        flags: list[list[str]] = [["no_meta"] for _ in range(n)]
+        if est is not None and outlook is not None:
+            for name in columns:
+                values[name][rows] = getattr(est, name)
+            values["e50"][rows] = outlook.pack_energy_kwh
+            values["e5"][rows] = outlook.pack_energy_kwh_p5
+            values["e95"][rows] = outlook.pack_energy_kwh_p95
+            for r, q in zip(rows.tolist(), est.quality, strict=True):  # per pack, publish cadence
+                flags[r] = q
+        quality = [q if ok else [*q, "offline"] for q, ok in zip(flags, online.tolist(), strict=True)]
+        data: dict[str, object] = {
+            "pack": p.ids,
+            "chemistry": p.chemistry,
+            "life": p.life,
+            "ts_ms": np.maximum(p.last_ts_ms, 0),
+            "online": online,
+            "available": available,
+            "soc": values["soc"],
+            "soc_std": values["soc_std"],
+            "soc_bms": v["soc_bms"],
+            "energy_to_floor_kwh": values["e50"],
+            "energy_to_floor_kwh_p5": values["e5"],
+            "energy_to_floor_kwh_p95": values["e95"],
+            "capacity_ah": values["capacity_ah"],
+            "capacity_ah_std": values["capacity_std_ah"],
+            "soh": values["capacity_ah"] / values["rated_ah"],
+            "soh_std": values["capacity_std_ah"] / values["rated_ah"],
+            "soh_bms": v["soh_bms"],
+            "quality": quality,
+        }
+        if extended:
+            data.update({name: values[name] for name in ("soc_mean", "soc_min_cell", "current_offset_a")})
+        floats = [k for k, col in data.items() if isinstance(col, np.ndarray) and col.dtype == np.float64]
         return pl.DataFrame(
-            {
-                "pack": p.ids,
-                "chemistry": p.chemistry,
-                "life": p.life,
-                "ts_ms": np.maximum(p.last_ts_ms, 0),
-                "online": online,
-                "available": available,
-                "soc_bms": v["soc_bms"],
-                "soh_bms": v["soh_bms"],
-                "energy_to_floor_kwh": energy,
-                "quality": quality,
-            },
-            schema_overrides={"chemistry": pl.String, "life": pl.String},
-        ).with_columns(pl.col("soc_bms", "soh_bms", "energy_to_floor_kwh").fill_nan(None))
+            data,
+            schema_overrides={"chemistry": pl.String, "life": pl.String, "quality": pl.List(pl.String)},
+        ).with_columns(pl.col(floats).fill_nan(None))
 
     def site_frame(self, now_ms: int) -> pl.DataFrame:
         """The site's state, one row in the contract's TwinState columns."""
@@ -321,15 +430,22 @@ class TwinCore:
         v = p.values
         online = self.online(now_ms)
         available = self.available(now_ms)
-        capacity = np.nan_to_num(v["rated_capacity_ah"] * v["soh_bms"])
-        soc = np.nan_to_num(v["soc_bms"])
-        v_nom = np.nan_to_num(v["rated_energy_kwh"] * 1000.0 / v["rated_capacity_ah"])
-        w = np.where(available, capacity * v_nom, 0.0)
-        total_w = float(w.sum())
-        floor = self.options.reserve_floor_soc
-        energy = float((np.clip(soc - floor, 0.0, None) * w).sum() / 1000.0)
         max_dis = float(np.where(available, np.nan_to_num(v["current_max_discharge_a"] * v["voltage_v"]), 0.0).sum())
         site = self.site_row or {}
+        out = self._views(now_ms).outlook
+        quality: list[str] = []
+        estimates: dict[str, float | None] = dict.fromkeys(_SITE_ESTIMATES)
+        if out is None or not np.isfinite(out.energy_kwh):
+            quality.append("no_estimate")
+        else:
+            horizon = self.estimation.options.outlook.horizon_s
+            for name in _SITE_ESTIMATES:
+                value = getattr(out, name)
+                if value is not None and not np.isfinite(value):
+                    quality.append(f"{name.split('_s_')[0]}_beyond_horizon")
+                    value = horizon
+                estimates[name] = None if value is None else float(value)
+        estimates = {_SITE_RENAMES.get(k, k): val for k, val in estimates.items()}
         return pl.DataFrame(
             {
                 "site": [self.options.site],
@@ -342,13 +458,47 @@ class TwinCore:
                 "solar_w": [site.get("solar_w")],
                 "grid_w": [site.get("grid_w")],
                 "battery_w": [site.get("battery_w")],
-                "soc": [float((soc * w).sum() / total_w) if total_w > 0 else None],
-                "energy_to_floor_kwh": [energy if total_w > 0 else None],
+                **{k: [val] for k, val in estimates.items()},
                 "max_discharge_w": [max_dis],
-                "quality": [["bms_soc"]],
+                "quality": [sorted(set(quality))],
             },
-            schema_overrides=dict.fromkeys(_SITE_FLOATS, pl.Float64),
+            schema_overrides={**dict.fromkeys(_SITE_FLOATS, pl.Float64), "quality": pl.List(pl.String)},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Views:
+    estimates: PackEstimates | None
+    rows: NDArray[np.int64]  # core pack index of each estimated pack
+    outlook: SiteOutlook | None
+
+
+_SITE_ESTIMATES: Final = (
+    "soc",
+    "soc_p5",
+    "soc_p95",
+    "energy_kwh",
+    "energy_kwh_p5",
+    "energy_kwh_p95",
+    "runtime_s_p5",
+    "runtime_s_p50",
+    "runtime_s_p95",
+    "ridethrough_s_p5",
+    "ridethrough_s_p50",
+    "ridethrough_s_p95",
+)
+_SITE_RENAMES: Final = {
+    "energy_kwh": "energy_to_floor_kwh",
+    "energy_kwh_p5": "energy_to_floor_kwh_p5",
+    "energy_kwh_p95": "energy_to_floor_kwh_p95",
+}
+
+
+def _finite_or_none(value: object) -> float | None:
+    if value is None:
+        return None
+    out = float(value)  # type: ignore[arg-type]
+    return out if np.isfinite(out) else None
 
 
 def _reject(frame: pl.DataFrame, reason: str, detail: str) -> pl.DataFrame:

@@ -1,0 +1,201 @@
+"""Offline replay (`mgtwin replay`) and the accuracy harness (`mgtwin evaluate`).
+
+* replay runs on the live service's code path: feeding the same run as MQTT payloads through
+  :func:`twin.pipeline.decode_batch` and :class:`twin.state.TwinCore` in random-sized message
+  batches ends in the same estimates;
+* the estimates do not depend on how the telemetry file is cut into read batches;
+* ``mgtwin evaluate --json`` gives every documented key and writes its plots;
+* bad sources get one clear error line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from emulators.publisher import encode_rows
+from twin import contract as c
+from twin.cli import app
+from twin.evaluate import KEYS
+from twin.pipeline import decode_batch
+from twin.replay import ReplayOptions, RunFolder, replay_run
+from twin.state import CoreOptions, TwinCore
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("replay") / "small"
+    result = runner.invoke(
+        app,
+        [
+            "emulate",
+            "--scenario",
+            "small",
+            "--duration",
+            "90m",
+            "--truth",
+            "--site-truth-every",
+            "5m",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def replayed(run_dir: Path) -> Path:
+    result = runner.invoke(app, ["replay", str(run_dir), "--every", "60s"])
+    assert result.exit_code == 0, result.output
+    assert "pack-samples/s" in result.output
+    return run_dir
+
+
+def test_replay_writes_estimates_for_every_pack_and_window(replayed: Path) -> None:
+    est = pl.read_parquet(replayed / "estimates.parquet")
+    site = pl.read_parquet(replayed / "site_estimates.parquet")
+    meta = pl.read_parquet(replayed / "packs.parquet")
+    windows = site.height
+    assert windows == 90 + 1  # a window at the start and one per minute
+    assert est.height == windows * meta.height
+    assert set(est["pack"].unique()) == set(meta["pack"])
+    late = est.filter(pl.col("ts_ms") > est["ts_ms"].min() + 600_000)  # type: ignore[operator]
+    assert late["soc"].null_count() == 0
+    assert ((late["soc"] >= 0) & (late["soc"] <= 1)).all()
+    assert (late["soc_std"] > 0).all()
+    # The site's bands are ordered wherever the twin has an estimate.
+    s = site.filter(pl.col("energy_to_floor_kwh").is_not_null())
+    assert s.height > windows // 2
+    assert (s["energy_to_floor_kwh_p5"] <= s["energy_to_floor_kwh"]).all()
+    assert (s["energy_to_floor_kwh"] <= s["energy_to_floor_kwh_p95"]).all()
+    r = s.filter(pl.col("ridethrough_s_p50").is_not_null())
+    assert r.height > 0
+    assert (
+        (r["ridethrough_s_p5"] <= r["ridethrough_s_p50"]) & (r["ridethrough_s_p50"] <= r["ridethrough_s_p95"])
+    ).all()
+    info = json.loads((replayed / "replay.json").read_text())
+    assert info["telemetry_rows"] == pl.read_parquet(replayed / "telemetry.parquet").height
+    assert info["estimation"]["no_meta"] == 0
+
+
+def test_replay_does_not_depend_on_the_read_batches(run_dir: Path) -> None:
+    run = RunFolder.open(run_dir)
+    whole = replay_run(run, options=ReplayOptions(every_s=300.0))
+    pieces = replay_run(run, options=ReplayOptions(every_s=300.0, batch_rows=7_777))
+    assert whole.estimates.equals(pieces.estimates)
+    assert whole.site_estimates.equals(pieces.site_estimates)
+
+
+def test_replay_is_the_live_code_path(run_dir: Path) -> None:
+    """The run as MQTT messages, decoded and ingested in random-sized batches, ends where replay ends."""
+    run = RunFolder.open(run_dir)
+    tele = pl.read_parquet(run_dir / "telemetry.parquet").sort("ts_ms", "pack", maintain_order=True)
+    tele = tele.filter(pl.col("ts_ms") <= tele["ts_ms"].min() + 1_800_000)  # type: ignore[operator]
+    end_ms = int(tele["ts_ms"].max())  # type: ignore[arg-type]
+    site_rows = run.site_rows.filter(pl.col("ts_ms") <= end_ms)
+    status = run.status.filter(pl.col("ts_ms") <= end_ms)
+
+    # Replay of the same cut (a run folder of its own).
+    cut = run_dir.parent / "cut"
+    cut.mkdir(exist_ok=True)
+    for name in ("packs", "run"):
+        src = run_dir / (f"{name}.parquet" if name == "packs" else "run.json")
+        (cut / src.name).write_bytes(src.read_bytes())
+    tele.write_parquet(cut / "telemetry.parquet")
+    site_rows.write_parquet(cut / "site.parquet")
+    status.write_parquet(cut / "status.parquet")
+    replayed = replay_run(RunFolder.open(cut), options=ReplayOptions(every_s=60.0))
+
+    # Live: meta and status first (retained), then site and telemetry messages in event order.
+    site = run.site
+    topics: list[str] = []
+    payloads: list[bytes] = []
+    for frame, model, kind in (
+        (run.meta, c.PackMeta, c.TopicKind.PACK_META),
+        (status, c.PackStatus, c.TopicKind.PACK_STATUS),
+    ):
+        for pack, payload in zip(frame["pack"], encode_rows(frame, model), strict=True):
+            topics.append(c.topic(kind, site, pack))
+            payloads.append(payload)
+    merged = pl.concat(
+        [
+            tele.select("ts_ms", pl.lit(0).alias("kind"), pl.int_range(pl.len()).alias("row")),
+            site_rows.select("ts_ms", pl.lit(1).alias("kind"), pl.int_range(pl.len()).alias("row")),
+        ]
+    ).sort("ts_ms", "kind", "row")
+    tele_payloads = encode_rows(tele, c.PackTelemetry)
+    site_payloads = encode_rows(site_rows, c.SiteTelemetry)
+    tele_topics = [c.topic(c.TopicKind.PACK_TELEMETRY, site, p) for p in tele["pack"]]
+    site_topic = c.topic(c.TopicKind.SITE_TELEMETRY, site)
+    for kind, row in merged.select("kind", "row").iter_rows():
+        topics.append(tele_topics[row] if kind == 0 else site_topic)
+        payloads.append(tele_payloads[row] if kind == 0 else site_payloads[row])
+
+    core = TwinCore(CoreOptions(site=site))
+    rng = np.random.default_rng(7)
+    i = 0
+    while i < len(payloads):
+        n = int(rng.integers(1, 3000))
+        decoded = decode_batch(topics[i : i + n], payloads[i : i + n], site=site)
+        assert decoded.rejects.height == 0
+        core.ingest(decoded, now_ms=end_ms)
+        i += n
+    live = core.pack_frame(end_ms).sort("pack")
+    last = replayed.estimates.filter(pl.col("ts_ms") == replayed.estimates["ts_ms"].max()).sort("pack")
+    np.testing.assert_array_equal(live["soc"].to_numpy(), last["soc"].to_numpy())
+    np.testing.assert_array_equal(live["soc_std"].to_numpy(), last["soc_std"].to_numpy())
+    np.testing.assert_array_equal(live["energy_to_floor_kwh"].to_numpy(), last["energy_to_floor_kwh"].to_numpy())
+    live_site = core.site_frame(end_ms).row(0, named=True)
+    replay_site = replayed.site_estimates.row(-1, named=True)
+    for key in ("soc", "energy_to_floor_kwh", "runtime_s_p50", "ridethrough_s_p50"):
+        assert live_site[key] == replay_site[key], key
+
+
+def test_evaluate_json_has_every_key_and_writes_plots(replayed: Path) -> None:
+    result = runner.invoke(app, ["evaluate", str(replayed), "--json", "--skip", "30m"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    for key in KEYS:
+        assert key in scores, key
+    assert scores["soc_rmse"] is not None
+    assert 0.0 <= scores["soc_rmse"] < 0.2
+    assert scores["soc_rmse_bms"] is not None
+    assert set(scores["soc_rmse_by_chemistry"]) == set(pl.read_parquet(replayed / "packs.parquet")["chemistry"])
+    assert scores["energy_points"] > 0
+    assert scores["ridethrough_points"] > 0
+    for plot in scores["plots"]:
+        data = Path(plot).read_bytes()
+        assert data.startswith(b"\x89PNG"), plot
+        assert len(data) > 10_000
+
+
+def test_evaluate_prints_a_table(replayed: Path) -> None:
+    result = runner.invoke(app, ["evaluate", str(replayed), "--no-plots", "--skip", "30m"])
+    assert result.exit_code == 0, result.output
+    assert "SoC RMSE" in result.output
+    assert "ridethrough" in result.output
+
+
+def test_replay_and_evaluate_refuse_bad_sources_clearly(tmp_path: Path, run_dir: Path) -> None:
+    from twin.errors import TwinError
+    from twin.evaluate import evaluate_run
+
+    with pytest.raises(TwinError, match="not a run folder"):
+        RunFolder.open(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pl.DataFrame({"pack": ["a"], "ts_ms": [1]}).write_parquet(bad / "telemetry.parquet")
+    with pytest.raises(TwinError, match="missing the column"):
+        RunFolder.open(bad)
+    with pytest.raises(TwinError, match="mgtwin replay"):
+        evaluate_run(run_dir, estimates_dir=tmp_path)
+    result = runner.invoke(app, ["replay", str(tmp_path / "nope")])
+    assert result.exit_code != 0

@@ -1,0 +1,325 @@
+"""The estimators of a live site, grown as packs announce themselves: what :class:`twin.state.TwinCore` asks.
+
+The estimators (:mod:`twin.estimators`) work on a fixed set of packs; a live site's packs
+appear one retained ``meta`` message at a time. :class:`SiteEstimation` keeps them in step:
+when metadata for unseen packs arrive (rarely, never per telemetry message) it rebuilds the
+estimators for the larger set and carries every known pack's state over unchanged, so a pack
+that joins late does not disturb the others.
+
+Telemetry of a pack without metadata cannot be estimated (its chemistry is unknown): those
+rows are counted (``no_meta``) and still reach InfluxDB through the mirror.
+
+Pure: no I/O, no clock. The service (:mod:`twin.app`) and the offline replay
+(:mod:`twin.replay`) feed it through the same :class:`~twin.state.TwinCore`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import polars as pl
+from numpy.typing import NDArray
+
+from twin.estimators.capacity import CapacityOptions, CapacityTracker
+from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook
+from twin.estimators.soc import PackInfo, SocEstimator, SocFlag, SocOptions, SocState
+
+__all__ = ["EstimationOptions", "PackEstimates", "SiteEstimation"]
+
+F64 = NDArray[np.float64]
+B = NDArray[np.bool_]
+
+#: Meta columns the estimators read (the contract's pack_meta names).
+META_COLUMNS: Final = (
+    "pack",
+    "chemistry",
+    "rated_capacity_ah",
+    "series_cells",
+    "intake_soh",
+    "voltage_min_v",
+    "current_max_discharge_a",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EstimationOptions:
+    """Options of the site's estimators (from :class:`twin.config.EstimationSettings`)."""
+
+    reserve_floor_soc: float = 0.10
+    soc: SocOptions = field(default_factory=SocOptions)
+    outlook: OutlookOptions = field(default_factory=OutlookOptions)
+    capacity: CapacityOptions = field(default_factory=CapacityOptions)
+    #: SoC prior of a pack that has just appeared, and its standard deviation.
+    soc0: float = 0.5
+    soc0_std: float = 0.3
+    #: Event-time grid of the capacity checkpoints, s (fixed, so batches do not matter).
+    checkpoint_every_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PackEstimates:
+    """Per-pack SoC estimates in the estimators' pack order (see :attr:`SiteEstimation.pack_ids`)."""
+
+    pack_ids: tuple[str, ...]
+    soc: F64  # usable SoC of the string (what it can deliver), fraction
+    soc_std: F64
+    soc_mean: F64  # mean SoC of the cell groups
+    soc_min_cell: F64
+    current_offset_a: F64
+    capacity_ah: F64  # usable capacity of the string (weakest-cell limited), Ah
+    capacity_std_ah: F64
+    rated_ah: F64
+    quality: list[list[str]]
+
+
+class SiteEstimation:
+    """The SoC filter and the energy model for every pack with metadata, grown as packs appear.
+
+    Args:
+        options: estimator options.
+    """
+
+    def __init__(self, options: EstimationOptions = EstimationOptions()) -> None:
+        self.options = options
+        self.meta = pl.DataFrame(schema=_META_SCHEMA)
+        self.soc: SocEstimator | None = None
+        self.energy: EnergyPacks | None = None
+        self.capacity: CapacityTracker | None = None
+        self.counters: dict[str, int] = {"no_meta": 0, "capacity_checkpoints": 0}
+        # Coulomb count per pack (measured current held over each interval), A·h, and the
+        # last sample it reached; the next capacity checkpoint on the event-time grid.
+        self._ah = np.zeros(0)
+        self._last_ts = np.zeros(0, dtype=np.int64)
+        self._last_i = np.zeros(0)
+        self._next_checkpoint_ms: int | None = None
+
+    @property
+    def pack_ids(self) -> tuple[str, ...]:
+        """The estimated packs, in the order of the estimators' arrays."""
+        return self.soc.pack_ids if self.soc is not None else ()
+
+    # ------------------------------------------------------------------ inputs
+
+    def add_meta(self, meta: pl.DataFrame) -> None:
+        """Take pack metadata (contract pack_meta rows); rebuild the estimators if anything changed.
+
+        A pack already known keeps its filter state; a changed rated capacity or chemistry
+        changes its parameters from now on.
+        """
+        if meta.height == 0:
+            return
+        rows = (
+            meta.select(
+                [pl.col(c).cast(t) if c in meta.columns else pl.lit(None, t).alias(c) for c, t in _META_SCHEMA.items()]
+            )
+            .group_by("pack", maintain_order=True)
+            .last()
+        )
+        merged = pl.concat([self.meta.join(rows.select("pack"), on="pack", how="anti"), rows])
+        # Known packs keep their position; new ones go after them.
+        order = {p: i for i, p in enumerate(self.meta["pack"].to_list())}
+        merged = (
+            merged.with_columns(
+                pl.col("pack").replace_strict(order, default=len(order), return_dtype=pl.Int64).alias("_o"),
+                pl.int_range(pl.len()).alias("_n"),
+            )
+            .sort("_o", "_n")
+            .drop("_o", "_n")
+        )
+        if merged.equals(self.meta):
+            return
+        self._rebuild(merged)
+
+    def _rebuild(self, meta: pl.DataFrame) -> None:
+        o = self.options
+        info = PackInfo.from_meta(meta, soc0=o.soc0, soc0_std=o.soc0_std)
+        soc = SocEstimator(info, options=o.soc)
+        if self.soc is not None:
+            soc.restore(_carry_over(self.soc.snapshot(), soc.snapshot()))
+        self.soc = soc
+        self.energy = EnergyPacks.from_meta(meta, capacity_rel_std=o.soc.capacity_error)
+        prior = np.asarray(self.energy.capacity_ah, dtype=np.float64)
+        n_old = self._ah.size
+        keep = np.arange(n_old, dtype=np.intp)  # known packs keep their rows (see add_meta)
+        if self.capacity is None:
+            self.capacity = CapacityTracker(prior, o.capacity)
+        else:
+            self.capacity = self.capacity.grown(prior, keep, keep)
+        grow = prior.size - n_old
+        self._ah = np.concatenate([self._ah, np.zeros(grow)])
+        self._last_ts = np.concatenate([self._last_ts, np.full(grow, -1, dtype=np.int64)])
+        self._last_i = np.concatenate([self._last_i, np.zeros(grow)])
+        self.meta = meta
+
+    def update(self, telemetry: pl.DataFrame) -> None:
+        """Fold accepted telemetry rows (any packs, any order) into the estimators."""
+        if telemetry.height == 0:
+            return
+        if self.soc is None:
+            self.counters["no_meta"] += telemetry.height
+            return
+        known = telemetry.get_column("pack").is_in(self.meta.get_column("pack").implode())
+        unknown = int((~known).sum())
+        if unknown:
+            self.counters["no_meta"] += unknown
+            telemetry = telemetry.filter(known)
+        if telemetry.height == 0:
+            return
+        grid = round(self.options.checkpoint_every_s * 1000)
+        ts = telemetry.get_column("ts_ms")
+        if self._next_checkpoint_ms is None:
+            self._next_checkpoint_ms = (int(ts.min()) // grid + 1) * grid  # type: ignore[arg-type]
+        newest = int(ts.max())  # type: ignore[arg-type]
+        # Checkpoints crossed by this batch: the rows up to each go in first (one pass per
+        # grid time crossed, not per row), so the checkpoints do not depend on the batching.
+        while self._next_checkpoint_ms <= newest:
+            at = self._next_checkpoint_ms
+            head = telemetry.filter(pl.col("ts_ms") <= at)
+            telemetry = telemetry.filter(pl.col("ts_ms") > at)
+            self._fold(head)
+            self._checkpoint(at)
+            following = int(telemetry.get_column("ts_ms").min()) if telemetry.height else at + grid  # type: ignore[arg-type]
+            self._next_checkpoint_ms = max(at + grid, (following - 1) // grid * grid)
+        self._fold(telemetry)
+
+    def _fold(self, rows: pl.DataFrame) -> None:
+        """Feed rows to the SoC filter and the coulomb count."""
+        if rows.height == 0:
+            return
+        assert self.soc is not None
+        self.soc.update(rows)
+        # Coulomb count: per pack, in time order, the previous sample's current over each
+        # interval (as the filter holds it); rows not newer than the pack's last are skipped.
+        index = pl.DataFrame({"pack": self.meta.get_column("pack"), "_p": np.arange(self.meta.height)})
+        frame = (
+            rows.select("pack", "ts_ms", "current_a")
+            .join(index, on="pack", how="inner")
+            .sort("_p", "ts_ms")
+            .unique(subset=["_p", "ts_ms"], keep="first", maintain_order=True)
+        )
+        p = frame.get_column("_p").to_numpy()
+        t = frame.get_column("ts_ms").to_numpy()
+        i = frame.get_column("current_a").to_numpy().astype(np.float64)
+        newer = t > self._last_ts[p]
+        p, t, i = p[newer], t[newer], i[newer]
+        if p.size == 0:
+            return
+        first = np.ones(p.size, dtype=np.bool_)
+        first[1:] = p[1:] != p[:-1]
+        prev_t = np.where(first, self._last_ts[p], np.roll(t, 1))
+        prev_i = np.where(first, self._last_i[p], np.roll(i, 1))
+        started = prev_t >= 0
+        held = np.where(np.isfinite(prev_i), prev_i, 0.0)
+        dah = np.where(started, held * (t - prev_t) / 3_600_000.0, 0.0)
+        np.add.at(self._ah, p, dah)
+        last = np.flatnonzero(np.append(p[1:] != p[:-1], True))
+        self._last_ts[p[last]] = t[last]
+        finite_i = np.where(np.isfinite(i), i, self._last_i[p])
+        self._last_i[p[last]] = finite_i[last]
+
+    def _checkpoint(self, at_ms: int) -> None:
+        assert self.soc is not None
+        assert self.capacity is not None
+        e = self.soc.estimate(now_ms=at_ms)
+        grid = round(self.options.checkpoint_every_s * 1000)
+        fresh = (self._last_ts > at_ms - grid) & (self._last_ts <= at_ms)
+        self.capacity.checkpoint(
+            ts_ms=at_ms,
+            soc=np.asarray(e.soc_usable, dtype=np.float64),
+            soc_std=np.asarray(e.soc_std, dtype=np.float64),
+            ah=self._ah,
+            current_offset_a=np.asarray(e.current_offset_a, dtype=np.float64),
+            valid=fresh,
+        )
+        self.counters["capacity_checkpoints"] += 1
+
+    # ------------------------------------------------------------------ outputs
+
+    def packs(self, *, now_ms: int) -> PackEstimates | None:
+        """Every estimated pack's SoC, or None before the first metadata."""
+        if self.soc is None:
+            return None
+        e = self.soc.estimate(now_ms=now_ms)
+        flags = e.flags
+        quality = [
+            [str(f.name).lower() for f in _FLAGS if v & f.value] for v in flags.tolist()
+        ]  # per pack, publish cadence
+        assert self.capacity is not None
+        assert self.energy is not None
+        cap = self.capacity.estimate()
+        return PackEstimates(
+            pack_ids=e.pack_ids,
+            soc=np.asarray(e.soc_usable, dtype=np.float64),
+            soc_std=np.asarray(e.soc_std, dtype=np.float64),
+            soc_mean=np.asarray(e.soc, dtype=np.float64),
+            soc_min_cell=np.asarray(e.soc_min_cell, dtype=np.float64),
+            current_offset_a=np.asarray(e.current_offset_a, dtype=np.float64),
+            capacity_ah=cap.capacity_ah,
+            capacity_std_ah=cap.capacity_std_ah,
+            rated_ah=np.asarray(self.energy.rated_group_ah, dtype=np.float64),
+            quality=quality,
+        )
+
+    def outlook(
+        self,
+        packs: PackEstimates,
+        *,
+        temp_c: F64,
+        current_a: F64,
+        available: B,
+        battery_w: float | None,
+        load_w: float | None,
+    ) -> SiteOutlook:
+        """Energy to the floor, runtime and ride-through (arrays in :attr:`pack_ids` order)."""
+        assert self.energy is not None
+        o = self.options
+        outlook_options = dataclasses.replace(o.outlook, floor_soc=o.reserve_floor_soc)
+        temp = np.where(np.isfinite(temp_c), temp_c, 25.0)
+        current = np.where(np.isfinite(current_a), current_a, 0.0)
+        soc = np.where(np.isfinite(packs.soc), packs.soc, 0.0)
+        energy = dataclasses.replace(
+            self.energy,
+            capacity_ah=packs.capacity_ah,
+            capacity_rel_std=np.clip(packs.capacity_std_ah / packs.capacity_ah, 0.0, 1.0),
+        )
+        return site_outlook(
+            energy,
+            soc=soc,
+            soc_std=packs.soc_std,
+            temp_c=temp,
+            current_a=current,
+            available=available & np.isfinite(packs.soc),
+            battery_w=battery_w,
+            load_w=load_w,
+            options=outlook_options,
+        )
+
+
+_META_SCHEMA: Final = {
+    "pack": pl.String,
+    "chemistry": pl.String,
+    "rated_capacity_ah": pl.Float64,
+    "series_cells": pl.Int64,
+    "intake_soh": pl.Float64,
+    "voltage_min_v": pl.Float64,
+    "current_max_discharge_a": pl.Float64,
+}
+_FLAGS: Final = tuple(f for f in SocFlag if f.value)
+
+
+def _carry_over(old: SocState, fresh: SocState) -> SocState:
+    """Return ``fresh`` (the prior of the larger pack set) with the known packs' state from ``old``."""
+    where = {p: i for i, p in enumerate(fresh.pack_ids)}
+    dst = np.array([where[p] for p in old.pack_ids if p in where], dtype=np.intp)
+    src = np.array([i for i, p in enumerate(old.pack_ids) if p in where], dtype=np.intp)
+    changes: dict[str, object] = {}
+    for name, _, _ in SocState._ARRAYS:
+        arr = np.array(getattr(fresh, name), copy=True)
+        arr[dst] = np.asarray(getattr(old, name))[src]
+        changes[name] = arr
+    changes["n_ignored"] = old.n_ignored
+    changes["watermark_ms"] = old.watermark_ms
+    return dataclasses.replace(fresh, **changes)  # type: ignore[arg-type]

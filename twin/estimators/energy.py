@@ -1,0 +1,915 @@
+"""Energy to the reserve floor, runtime and ride-through of the site, with P5/P50/P95 bands.
+
+Three questions the operator asks of the batteries, answered from what the twin knows about
+each pack (:class:`EnergyPacks`: chemistry, series count, capacity estimate, limits) and its
+SoC estimate:
+
+* **Energy to the floor** (:func:`energy_to_floor_wh`): the energy a pack gives while its
+  usable SoC falls from ``soc`` to the reserve floor::
+
+      E = series * Q * ∫_floor^soc OCV(s) ds  -  |I| * Q * ∫_floor^soc R_pack(s) ds
+
+  with ``Q`` the capacity of one cell group (Ah), ``OCV`` the chemistry's open-circuit
+  voltage of one cell and ``R_pack(s) = series * (R0 + R1 + R2)(s, T) + series_r_ohm`` the
+  pack's steady-state resistance (the RC pairs are charged at a constant current); the second
+  term is ``I² R x hours`` with ``hours = Ah given / |I|``, the resistance averaged over the
+  SoC swept. Both integrals come from cumulative tables on a 0.1 % SoC grid per chemistry,
+  integrated exactly for the linearly interpolated OCV (:data:`GRID_POINTS`).
+* **Runtime and ride-through** (:func:`time_to_floor_s`): how long the available packs can
+  hold a constant power, by forward simulation, not energy over power: near the floor (or
+  at high power) the packs' current and voltage limits bind before the energy runs out.
+  Each step, per pack: ``Voc = series * OCV(soc)``; ``R = R_pack(soc, T)``; the discharge
+  current limit ``min(i_dis_max_a, (Voc - series * v_min_cell_v) / R)`` (>= 0) and the power
+  limit ``I (Voc - I R)``; the power is shared in proportion to each pack's energy to the
+  floor, capped at its power limit and at its energy over the step, the excess going to the
+  packs below their caps (water-filling, as the site controller does); each pack's current
+  solves ``P = I (Voc - I R)`` and its SoC falls by ``I dt / (3600 Q)``. The run stops when
+  more than :attr:`OutlookOptions.shortfall_share` of the power goes unserved, crediting
+  the served share of that last step. The step is adaptive: about
+  :attr:`OutlookOptions.target_steps` steps to reach the floor, and a failing step is
+  retried from the previous state with half the step, down to
+  :attr:`OutlookOptions.min_dt_s`, so the end is found to within a few ``min_dt_s``.
+* **The site's outlook with its uncertainty** (:func:`site_outlook`): site energy, SoC,
+  runtime at the present battery power and ride-through at the present load, each at P5,
+  P50 and P95 (see below).
+
+Simplifications, on purpose:
+
+* RC transients are ignored: the RC pairs are taken as charged at the present current (the
+  steady-state resistance ``R0 + R1 + R2``). For the hours-long discharges asked about here
+  the pairs' time constants (seconds to minutes) do not matter.
+* Hysteresis (LFP) and the entropic term are ignored, and temperature is held at its present
+  value per pack.
+* A pack is one equivalent cell group: its usable SoC and the usable capacity of the string.
+  The weakest cell's own voltage limit is not modelled, only the mean cell's
+  (``v_min_cell_v``).
+
+How :func:`site_outlook` finds the bands, cheaply and deterministically (no sampling): each
+available pack's energy ``E_i`` at its SoC estimate is the median; its sensitivities are
+``g_i = dE_i/dsoc`` (exact, from the OCV and the resistance at its SoC) and
+``dE_i/dQ = E_i / Q``. The SoC error has an independent part ``soc_std_i`` per pack and a
+part ``c = common_soc_std`` shared by every pack (model bias); the capacity has an
+independent relative error ``r_i = capacity_rel_std``. Then::
+
+    var_site = sum_i (g_i soc_std_i)² + (sum_i g_i c)² + sum_i (E_i r_i)²
+    E_P5, E_P95 = E -+ z sqrt(var_site)                           (clipped at 0)
+
+Three scenarios of the packs' SoC (P5, P50, P95) carry these quantiles into the forward
+simulation: pack ``i`` is shifted by ``-+ z sigma_site v_i / var_site / g_i`` with
+``v_i = (g_i soc_std_i)² + (E_i r_i)² + g_i c sum_j g_j c`` its share of the variance (the
+conditional mean of its error given the site's), so each scenario's site energy moves by
+``z sigma_site`` to first order; SoC is clipped to [0, 1]. Runtime and ride-through are one
+:func:`time_to_floor_s` call each with those three scenarios side by side.
+
+Everything is numpy over packs (and scenarios); the only Python loops are over time steps
+and over the (at most four) chemistries.
+
+Sign convention: current and power are positive on discharge. SoC is a fraction.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Final
+
+import numpy as np
+import polars as pl
+from numpy.typing import NDArray
+
+from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
+from twin.estimators.base import EstimatorError, check_columns
+
+__all__ = [
+    "GRID_POINTS",
+    "EnergyPacks",
+    "OutlookOptions",
+    "SiteOutlook",
+    "energy_to_floor_wh",
+    "site_outlook",
+    "time_to_floor_s",
+]
+
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
+B = NDArray[np.bool_]
+IP = NDArray[np.intp]
+
+GRID_POINTS: Final = 1001
+"""Points of the SoC grid the tables are sampled on (0.1 % steps; every chemistry's own grid is on it)."""
+
+_STEP: Final = 1.0 / (GRID_POINTS - 1)
+_S_PER_H: Final = 3600.0
+_WH_PER_KWH: Final = 1000.0
+_MIN_WEIGHT_WH: Final = 1e-6  # below a microwatt-hour a pack counts as empty (as the site's dispatch does)
+_TINY: Final = 1e-300
+_MAX_EXTRA_STEPS: Final = 256  # bound on the steps beyond target_steps (refinements); never reached in practice
+
+
+def _frozen(values: object, dtype: type[np.generic], n: int) -> NDArray[np.generic]:
+    arr = np.array(np.broadcast_to(np.asarray(values, dtype=dtype), (n,)), dtype=dtype, copy=True)
+    arr.flags.writeable = False
+    return arr
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Tables:
+    """The chemistries sampled on one grid and stacked, for gathers at ``row + k``.
+
+    ``ocv``/``docv``: cell OCV at the grid point and its change to the next point, V;
+    ``cum_ocv``: ∫_0^s OCV ds at the grid point, V (per unit SoC); ``rsoc``/``drsoc``: the
+    resistance SoC factor and its change; ``cum_rsoc``: ∫_0^s soc_factor ds.
+    """
+
+    chemistries: tuple[CellChemistry, ...]
+    ocv: F64
+    docv: F64
+    cum_ocv: F64
+    rsoc: F64
+    drsoc: F64
+    cum_rsoc: F64
+
+
+def _cumulative(values: F64) -> F64:
+    out: F64 = np.concatenate(([0.0], np.cumsum((values[1:] + values[:-1]) * (0.5 * _STEP))))
+    return out
+
+
+def _step_to_next(values: F64) -> F64:
+    out: F64 = np.append(np.diff(values), 0.0)
+    return out
+
+
+@functools.cache
+def _tables(names: tuple[str, ...]) -> _Tables:
+    grid = np.linspace(0.0, 1.0, GRID_POINTS)
+    chems = tuple(get_chemistry(n) for n in names)
+    ocv = [np.asarray(c.ocv(grid), dtype=np.float64) for c in chems]
+    rsoc = [np.asarray(c.soc_factor(grid), dtype=np.float64) for c in chems]
+    tables = _Tables(
+        chemistries=chems,
+        ocv=np.concatenate(ocv),
+        docv=np.concatenate([_step_to_next(v) for v in ocv]),
+        cum_ocv=np.concatenate([_cumulative(v) for v in ocv]),
+        rsoc=np.concatenate(rsoc),
+        drsoc=np.concatenate([_step_to_next(v) for v in rsoc]),
+        cum_rsoc=np.concatenate([_cumulative(v) for v in rsoc]),
+    )
+    for f in fields(tables):
+        value = getattr(tables, f.name)
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return tables
+
+
+@dataclass(frozen=True, slots=True)
+class _At:
+    """Table positions of an array of SoC: flat index ``row + k`` and fraction of the grid step."""
+
+    index: IP
+    frac: F64
+
+
+def _locate(row: IP, soc: F64) -> _At:
+    """Positions of ``soc`` (finite, any shape ending in packs) in each pack's table rows."""
+    x = np.clip(soc, 0.0, 1.0) * (GRID_POINTS - 1)
+    k = np.minimum(x.astype(np.intp), GRID_POINTS - 2)
+    frac: F64 = x - k
+    k += row
+    return _At(index=k, frac=frac)
+
+
+def _ocv_and_cum(t: _Tables, at: _At) -> tuple[F64, F64]:
+    """Cell OCV (V) and ∫_0^soc OCV ds (V) at ``at``; the integral is exact for the interpolated OCV."""
+    v0 = t.ocv.take(at.index)
+    dv = t.docv.take(at.index)
+    f = at.frac
+    ocv: F64 = v0 + dv * f
+    cum: F64 = t.cum_ocv.take(at.index) + (v0 + 0.5 * dv * f) * (f * _STEP)
+    return ocv, cum
+
+
+def _rsoc_and_cum(t: _Tables, at: _At) -> tuple[F64, F64]:
+    """Resistance SoC factor and its integral from 0 at ``at``."""
+    r0 = t.rsoc.take(at.index)
+    dr = t.drsoc.take(at.index)
+    f = at.frac
+    rsoc: F64 = r0 + dr * f
+    cum: F64 = t.cum_rsoc.take(at.index) + (r0 + 0.5 * dr * f) * (f * _STEP)
+    return rsoc, cum
+
+
+# ------------------------------------------------------------------------------------------------
+# Packs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EnergyPacks:
+    """What the twin knows about each pack for energy and runtime (per-pack read-only arrays).
+
+    Attributes:
+        pack_ids: pack identifiers, unique.
+        chemistry: chemistry name per pack (a :mod:`twin.chemistry` name).
+        series: series cell groups per pack.
+        rated_group_ah: rated capacity of one cell group, Ah; the resistances scale with it.
+        capacity_ah: capacity estimate of one cell group (the string's usable capacity), Ah.
+        capacity_rel_std: relative standard deviation of ``capacity_ah`` (0.03 is 3 %).
+        i_dis_max_a: the BMS's discharge current limit of the pack, A (``inf`` when unknown).
+        v_min_cell_v: lowest mean cell voltage allowed under load, V.
+        series_r_ohm: extra series resistance of the whole pack (cabling, connectors), Ω.
+
+    Examples:
+        >>> import numpy as np
+        >>> packs = EnergyPacks(
+        ...     pack_ids=("a", "b"), chemistry=("nmc811", "lfp"), series=np.array([96, 120]),
+        ...     rated_group_ah=np.array([300.0, 404.0]), capacity_ah=np.array([290.0, 350.0]),
+        ...     capacity_rel_std=np.full(2, 0.03), i_dis_max_a=np.full(2, np.inf),
+        ...     v_min_cell_v=np.array([2.5, 2.0]), series_r_ohm=np.zeros(2))
+        >>> np.round(energy_to_floor_wh(packs, np.array([0.9, 0.9]), floor_soc=0.1,
+        ...     temp_c=np.full(2, 25.0), current_a=np.zeros(2)) / 1000, 1)
+        array([ 83.6, 110.5])
+    """
+
+    pack_ids: tuple[str, ...]
+    chemistry: tuple[str, ...]
+    series: I64
+    rated_group_ah: F64
+    capacity_ah: F64
+    capacity_rel_std: F64
+    i_dis_max_a: F64
+    v_min_cell_v: F64
+    series_r_ohm: F64
+    _tables: _Tables = field(init=False, repr=False)
+    _row: IP = field(init=False, repr=False)
+    _groups: tuple[tuple[CellChemistry, IP], ...] = field(init=False, repr=False)
+    _r_ohm_ah: F64 = field(init=False, repr=False)
+    _v_nominal_v: F64 = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        """Freeze the arrays and check shapes and ranges.
+
+        Raises:
+            EstimatorError: on a shape mismatch, duplicated ids or a non-physical value.
+            ChemistryError: for an unknown chemistry name.
+        """
+        n = len(self.pack_ids)
+        if n == 0:
+            msg = "EnergyPacks needs at least one pack"
+            raise EstimatorError(msg)
+        if len(set(self.pack_ids)) != n:
+            msg = "EnergyPacks pack_ids must be unique"
+            raise EstimatorError(msg)
+        if len(self.chemistry) != n:
+            msg = f"EnergyPacks chemistry has {len(self.chemistry)} entries for {n} packs"
+            raise EstimatorError(msg)
+        names = tuple(sorted(set(self.chemistry)))
+        for name in names:
+            get_chemistry(name)
+        for name, dtype in (
+            ("series", np.int64),
+            ("rated_group_ah", np.float64),
+            ("capacity_ah", np.float64),
+            ("capacity_rel_std", np.float64),
+            ("i_dis_max_a", np.float64),
+            ("v_min_cell_v", np.float64),
+            ("series_r_ohm", np.float64),
+        ):
+            try:
+                arr = _frozen(getattr(self, name), dtype, n)
+            except ValueError as exc:
+                msg = f"EnergyPacks {name} must hold one value per pack ({n})"
+                raise EstimatorError(msg) from exc
+            object.__setattr__(self, name, arr)
+        checks = (
+            ("series", self.series >= 1),
+            ("rated_group_ah", np.isfinite(self.rated_group_ah) & (self.rated_group_ah > 0.0)),
+            ("capacity_ah", np.isfinite(self.capacity_ah) & (self.capacity_ah > 0.0)),
+            ("capacity_rel_std", np.isfinite(self.capacity_rel_std) & (self.capacity_rel_std >= 0.0)),
+            ("i_dis_max_a", self.i_dis_max_a > 0.0),
+            ("v_min_cell_v", np.isfinite(self.v_min_cell_v) & (self.v_min_cell_v > 0.0)),
+            ("series_r_ohm", np.isfinite(self.series_r_ohm) & (self.series_r_ohm >= 0.0)),
+        )
+        for name, ok in checks:
+            if not bool(np.all(ok)):
+                bad = int(np.flatnonzero(~ok)[0])
+                msg = f"EnergyPacks {name} out of range for pack {self.pack_ids[bad]!r}: {getattr(self, name)[bad]}"
+                raise EstimatorError(msg)
+        tables = _tables(names)
+        index = np.searchsorted(np.array(names), np.array(self.chemistry)).astype(np.intp)
+        per_chem = np.array([c.r0_ohm_ah + c.r1_ohm_ah + c.r2_ohm_ah for c in tables.chemistries])
+        v_nom = np.array([c.v_nominal_v for c in tables.chemistries])
+        derived: dict[str, object] = {
+            "_tables": tables,
+            "_row": index * GRID_POINTS,
+            "_groups": tuple((c, np.flatnonzero(index == j)) for j, c in enumerate(tables.chemistries)),
+            "_r_ohm_ah": per_chem[index],
+            "_v_nominal_v": v_nom[index],
+        }
+        for name, value in derived.items():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+            object.__setattr__(self, name, value)
+
+    @property
+    def n_packs(self) -> int:
+        """Number of packs."""
+        return len(self.pack_ids)
+
+    @classmethod
+    def from_meta(
+        cls,
+        meta: pl.DataFrame,
+        *,
+        capacity_ah: Mapping[str, float] | None = None,
+        capacity_rel_std: float = 0.03,
+    ) -> EnergyPacks:
+        """Build the packs from pack_meta rows (the contract's columns).
+
+        The capacity prior is, per pack, ``capacity_ah[pack]`` if given, else
+        ``rated_capacity_ah x intake_soh`` (``intake_soh`` 1 when null). The discharge
+        current limit is the meta's ``current_max_discharge_a`` (``inf`` when null), and
+        never above the cell type's continuous rating (``max_discharge_c x rated``). The
+        lowest cell voltage is the chemistry's ``v_min_v``, or ``voltage_min_v / series``
+        where the pack announces a higher one.
+
+        Args:
+            meta: one row per pack with ``pack``, ``chemistry``, ``rated_capacity_ah``,
+                ``series_cells`` and optionally ``intake_soh``, ``voltage_min_v`` and
+                ``current_max_discharge_a``.
+            capacity_ah: capacity estimates of one cell group by pack id, Ah.
+            capacity_rel_std: relative standard deviation of every capacity.
+
+        Returns:
+            The packs, in the order of the meta's rows.
+
+        Raises:
+            EstimatorError: if a column is missing or a value is out of range.
+            ChemistryError: for an unknown chemistry.
+        """
+        check_columns(meta, ("pack", "chemistry", "rated_capacity_ah", "series_cells"), estimator="EnergyPacks")
+        n = meta.height
+
+        def column(name: str, default: float) -> F64:
+            if name not in meta.columns:
+                return np.full(n, default)
+            out: F64 = meta.get_column(name).cast(pl.Float64).fill_null(default).to_numpy().copy()
+            return out
+
+        ids = tuple(str(p) for p in meta.get_column("pack").to_list())
+        chemistry = tuple(str(c) for c in meta.get_column("chemistry").to_list())
+        rated = column("rated_capacity_ah", math.nan)
+        series = meta.get_column("series_cells").cast(pl.Int64).to_numpy().copy()
+        prior = rated * column("intake_soh", 1.0)
+        if capacity_ah:
+            given = np.array([capacity_ah.get(p, math.nan) for p in ids], dtype=np.float64)
+            prior = np.where(np.isnan(given), prior, given)
+        names = sorted(set(chemistry))
+        chems = [get_chemistry(c) for c in names]
+        index = np.searchsorted(np.array(names), np.array(chemistry))
+        v_min_chem = np.array([c.v_min_v for c in chems])[index]
+        c_max = np.array([c.max_discharge_c for c in chems])[index]
+        v_min_meta = column("voltage_min_v", 0.0) / np.maximum(series, 1)
+        return cls(
+            pack_ids=ids,
+            chemistry=chemistry,
+            series=series,
+            rated_group_ah=rated,
+            capacity_ah=prior,
+            capacity_rel_std=np.full(n, capacity_rel_std),
+            i_dis_max_a=np.minimum(column("current_max_discharge_a", math.inf), c_max * rated),
+            v_min_cell_v=np.maximum(v_min_chem, v_min_meta),
+            series_r_ohm=np.zeros(n),
+        )
+
+    def _temp_factor(self, temp_c: F64) -> F64:
+        """Each pack's resistance temperature factor; ``temp_c`` has any shape ending in packs."""
+        t = np.where(np.isfinite(temp_c), temp_c, REFERENCE_TEMP_C)
+        out = np.empty(t.shape)
+        for chem, cols in self._groups:
+            out[..., cols] = chem.temp_factor(t[..., cols])
+        return out
+
+    def _r_scale_ohm(self, temp_c: F64) -> F64:
+        """Pack resistance per unit SoC factor: ``series * (R0 + R1 + R2)`` at 50 % SoC and ``temp_c``, Ω."""
+        out: F64 = self.series * (self._r_ohm_ah / self.rated_group_ah) * self._temp_factor(temp_c)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Energy to the floor
+# ------------------------------------------------------------------------------------------------
+
+
+def _energy_parts(packs: EnergyPacks, soc: F64, floor: F64, temp_c: F64, current_a: F64) -> tuple[F64, F64, F64, F64]:
+    """Energy to the floor (Wh, NaN where ``soc`` is NaN) and what its derivative needs.
+
+    Returns:
+        ``(energy_wh, ocv_v, rsoc, r_scale_ohm)``: the energy, the cell OCV and the
+        resistance SoC factor at ``soc``, and the pack resistance scale at ``temp_c``.
+    """
+    t = packs._tables
+    shape = np.broadcast_shapes(soc.shape, floor.shape, temp_c.shape, current_a.shape)
+    finite = np.isfinite(soc)
+    s = np.broadcast_to(np.where(finite, np.clip(soc, 0.0, 1.0), 0.0), shape)
+    lo = np.broadcast_to(np.clip(np.where(np.isfinite(floor), floor, 0.0), 0.0, 1.0), shape)
+    at_soc, at_floor = _locate(packs._row, s), _locate(packs._row, lo)
+    ocv, cum_soc = _ocv_and_cum(t, at_soc)
+    _, cum_floor = _ocv_and_cum(t, at_floor)
+    rsoc, rcum_soc = _rsoc_and_cum(t, at_soc)
+    _, rcum_floor = _rsoc_and_cum(t, at_floor)
+    swing = np.clip(s - lo, 0.0, None)
+    r_scale = packs._r_scale_ohm(np.broadcast_to(temp_c, shape))
+    q = packs.capacity_ah
+    open_wh = packs.series * q * np.clip(cum_soc - cum_floor, 0.0, None)
+    loss_wh = np.abs(current_a) * q * (r_scale * np.clip(rcum_soc - rcum_floor, 0.0, None) + packs.series_r_ohm * swing)
+    energy: F64 = np.where(finite & np.isfinite(floor), np.clip(open_wh - loss_wh, 0.0, None), np.nan)
+    return energy, ocv, rsoc, r_scale
+
+
+def energy_to_floor_wh(packs: EnergyPacks, soc: F64, *, floor_soc: float | F64, temp_c: F64, current_a: F64) -> F64:
+    """Return the energy each pack gives while its usable SoC falls to ``floor_soc``, Wh.
+
+    ``series x capacity x ∫_floor^soc OCV ds`` less the ohmic loss at ``|current_a|`` over
+    that discharge (``I² R_total x hours``, ``R_total`` the steady-state resistance averaged
+    over the SoC swept), clipped at 0. Any leading shape broadcasts, for example ``(D, P)``
+    draws x packs; the last axis is the packs.
+
+    Args:
+        packs: the packs.
+        soc: usable SoC per pack, fraction (clipped to [0, 1]); NaN gives NaN.
+        floor_soc: the reserve floor, fraction (scalar or broadcastable).
+        temp_c: cell temperature per pack, °C (NaN is taken as 25 °C).
+        current_a: discharge current the energy is drawn at, A (its sign is ignored).
+
+    Returns:
+        The energy, Wh, with the broadcast shape of the inputs.
+
+    Examples:
+        >>> import numpy as np
+        >>> import polars as pl
+        >>> meta = pl.DataFrame({"pack": ["p1"], "chemistry": ["lmo"], "rated_capacity_ah": [66.2],
+        ...     "series_cells": [96]})
+        >>> packs = EnergyPacks.from_meta(meta)
+        >>> e = energy_to_floor_wh(packs, np.array([0.1, 0.5, 0.9]).reshape(3, 1), floor_soc=0.1,
+        ...     temp_c=np.array([25.0]), current_a=np.array([10.0]))
+        >>> np.round(e[:, 0] / 1000, 2)
+        array([ 0.  ,  9.65, 19.76])
+    """
+    energy, _, _, _ = _energy_parts(
+        packs,
+        np.asarray(soc, dtype=np.float64),
+        np.asarray(floor_soc, dtype=np.float64),
+        np.asarray(temp_c, dtype=np.float64),
+        np.asarray(current_a, dtype=np.float64),
+    )
+    return energy
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward simulation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutlookOptions:
+    """How the outlook is computed (units in the names; defaults immutable).
+
+    Attributes:
+        floor_soc: reserve floor on each pack's usable SoC, fraction.
+        quantile_z: the normal quantile of the bands (1.645: P5 and P95).
+        common_soc_std: SoC error shared by all packs (model bias), fraction.
+        horizon_s: give up (report ``inf``) beyond this, s.
+        target_steps: forward-simulation steps aimed at to reach the floor.
+        min_dt_s: the smallest simulation step, s.
+        shortfall_share: the site counts as unable to carry the power once this share of
+            it goes unserved.
+    """
+
+    floor_soc: float = 0.10
+    quantile_z: float = 1.6448536269514722
+    common_soc_std: float = 0.01
+    horizon_s: float = 7 * 86400.0
+    target_steps: int = 120
+    min_dt_s: float = 10.0
+    shortfall_share: float = 0.005
+
+    def __post_init__(self) -> None:
+        """Check every option.
+
+        Raises:
+            EstimatorError: for a value out of range.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                msg = f"OutlookOptions.{f.name} must be a finite number >= 0, got {value!r}"
+                raise EstimatorError(msg)
+        if not isinstance(self.target_steps, int) or self.target_steps < 1:
+            msg = f"OutlookOptions.target_steps must be an integer >= 1, got {self.target_steps!r}"
+            raise EstimatorError(msg)
+        for name in ("horizon_s", "min_dt_s"):
+            if getattr(self, name) <= 0:
+                msg = f"OutlookOptions.{name} must be positive"
+                raise EstimatorError(msg)
+        if self.floor_soc >= 1.0:
+            msg = f"OutlookOptions.floor_soc must be below 1, got {self.floor_soc}"
+            raise EstimatorError(msg)
+        if self.shortfall_share >= 1.0:
+            msg = f"OutlookOptions.shortfall_share must be below 1, got {self.shortfall_share}"
+            raise EstimatorError(msg)
+
+
+def _water_fill(total: float, weight: F64, cap: F64) -> tuple[F64, F64]:
+    """Share ``total`` along the last axis in proportion to ``weight``, no share above ``cap``.
+
+    Row by row (every leading index is one problem), exactly: a pack clips at the fill
+    level ``cap / weight``; with the levels sorted, the power delivered at each level is
+    a cumulative sum, and the level that delivers ``total`` is found by counting. ``weight``
+    and ``cap`` must be >= 0, and ``cap`` 0 where ``weight`` is.
+
+    Returns:
+        (shares, unserved): per-pack shares and, per row, what no pack could take.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.where(weight > 0.0, cap / np.where(weight > 0.0, weight, 1.0), np.inf)
+    order = np.argsort(level, axis=-1, kind="stable")
+    lv = np.take_along_axis(level, order, axis=-1)
+    c = np.take_along_axis(cap, order, axis=-1)
+    w = np.take_along_axis(weight, order, axis=-1)
+    cum_c = np.cumsum(c, axis=-1)
+    # Weight of the packs from k on, summed from the end so a small remainder is not lost.
+    tail_w = np.concatenate((np.cumsum(w[..., ::-1], axis=-1)[..., ::-1], np.zeros((*w.shape[:-1], 1))), axis=-1)
+    with np.errstate(invalid="ignore"):
+        delivered = np.where(tail_w[..., 1:] > 0.0, cum_c + lv * tail_w[..., 1:], cum_c)
+    n = weight.shape[-1]
+    k = np.minimum((delivered < total).sum(axis=-1, keepdims=True), n - 1)
+    c_before = np.where(k > 0, np.take_along_axis(cum_c, np.maximum(k - 1, 0), axis=-1), 0.0)
+    tail_k = np.take_along_axis(tail_w, k, axis=-1)
+    # No weight left above the level: every pack is at its cap (an infinite level).
+    fill = np.where(tail_k > 0.0, (total - c_before) / np.where(tail_k > 0.0, tail_k, 1.0), np.inf)
+    with np.errstate(invalid="ignore"):
+        share: F64 = np.where(weight > 0.0, np.minimum(cap, np.clip(fill, 0.0, None) * weight), 0.0)
+    unserved: F64 = np.clip(total - share.sum(axis=-1), 0.0, None)
+    return share, unserved
+
+
+def _dispatch(total: float, weight: F64, cap: F64) -> tuple[F64, F64]:
+    """:func:`_water_fill` with a fast path: every row has weight and no proportional share exceeds its cap."""
+    w_sum = weight.sum(axis=-1)
+    if (w_sum > 0.0).all():
+        share: F64 = weight * (total / w_sum)[:, None]
+        if not (share > cap).any():
+            return share, np.zeros(w_sum.shape)
+    return _water_fill(total, weight, cap)
+
+
+def time_to_floor_s(
+    packs: EnergyPacks,
+    power_w: float,
+    soc: F64,
+    *,
+    temp_c: F64,
+    available: B,
+    floor_soc: float,
+    options: OutlookOptions = OutlookOptions(),
+) -> F64:
+    """Return how long the available packs can deliver ``power_w``, s, by forward simulation.
+
+    The model and the dispatch are described in the module docstring. ``D`` scenarios (rows
+    of ``soc``) are simulated side by side, each with its own step: about
+    ``energy / power / target_steps``, clipped to ``[min_dt_s, horizon_s / target_steps]``,
+    halved (down to ``min_dt_s``) when a step fails so that the end is located finely.
+
+    Args:
+        packs: the packs.
+        power_w: the constant battery power to hold, W, positive on discharge.
+        soc: usable SoC, shape ``(D, P)``, fraction; a NaN takes that pack out of that
+            scenario.
+        temp_c: cell temperature per pack, °C, held constant (NaN is taken as 25 °C).
+        available: per pack, True if it takes part (online, contactor closed).
+        floor_soc: the reserve floor on each pack's usable SoC, fraction.
+        options: the step control, horizon and shortfall share.
+
+    Returns:
+        Per scenario, seconds until more than ``shortfall_share`` of the power goes
+        unserved; ``inf`` beyond ``horizon_s``; NaN for every scenario when
+        ``power_w <= 0`` (or is not finite).
+
+    Raises:
+        EstimatorError: if ``soc`` is not ``(D, P)``.
+    """
+    s = np.array(soc, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] != packs.n_packs:
+        msg = f"soc must have shape (D, {packs.n_packs}), got {s.shape}"
+        raise EstimatorError(msg)
+    d = s.shape[0]
+    if not (math.isfinite(power_w) and power_w > 0.0):
+        return np.full(d, np.nan)
+    t = packs._tables
+    ocv_t, docv_t, cum_t, rsoc_t, drsoc_t = t.ocv, t.docv, t.cum_ocv, t.rsoc, t.drsoc
+    row = packs._row
+    use = np.asarray(available, dtype=np.bool_) & np.isfinite(s)
+    s = np.where(use, np.clip(s, 0.0, 1.0), 0.0)
+    temp = np.broadcast_to(np.asarray(temp_c, dtype=np.float64), (packs.n_packs,))
+    r_scale = packs._r_scale_ohm(temp)
+    r_series = packs.series_r_ohm
+    series = packs.series.astype(np.float64)
+    v_min_pack = series * packs.v_min_cell_v
+    i_max = packs.i_dis_max_a
+    wh_per_v = np.where(use, series * packs.capacity_ah, 0.0)  # energy per unit of ∫OCV ds; 0 leaves a pack out
+    soc_per_as = 1.0 / (packs.capacity_ah * _S_PER_H)
+    floor = np.full(packs.n_packs, float(np.clip(floor_soc, 0.0, 1.0)))
+    _, cum_floor = _ocv_and_cum(t, _locate(row, floor))
+    _, cum_now = _ocv_and_cum(t, _locate(row, s))
+    target = options.target_steps
+    e0 = (np.clip(cum_now - cum_floor, 0.0, None) * wh_per_v).sum(axis=1)
+    dt = np.clip(e0 * _S_PER_H / power_w / target, options.min_dt_s, max(options.horizon_s / target, options.min_dt_s))
+
+    last = GRID_POINTS - 2
+    half_step = 0.5 * _STEP
+    now = np.zeros(d)
+    prev_s, prev_now = s.copy(), now.copy()
+    end = np.full(d, np.nan)
+    running = np.ones(d, dtype=np.bool_)
+    limit = options.shortfall_share * power_w
+    per_s_dt = _S_PER_H / dt[:, None]  # caps a pack at its energy over the step
+    soc_per_a = dt[:, None] * soc_per_as  # SoC lost per ampere over the step
+    for _ in range(target + _MAX_EXTRA_STEPS):
+        # Table positions (s is kept in [0, 1]), then OCV, ∫OCV ds to the floor and R.
+        x = s * (GRID_POINTS - 1)
+        k = x.astype(np.intp)
+        np.minimum(k, last, out=k)
+        f = x - k
+        k += row
+        v0 = ocv_t.take(k)
+        ocv = docv_t.take(k)
+        ocv *= f
+        ocv += v0
+        v0 += ocv  # the trapezoid from the grid point to soc
+        v0 *= f
+        v0 *= half_step
+        v0 += cum_t.take(k)
+        v0 -= cum_floor
+        energy = np.maximum(v0, 0.0)
+        energy *= wh_per_v
+        r = drsoc_t.take(k)
+        r *= f
+        r += rsoc_t.take(k)
+        r *= r_scale
+        r += r_series
+        voc = ocv
+        voc *= series
+        # Limits: current keeping the mean cell above v_min, within the BMS limit; its power.
+        i_lim = voc - v_min_pack
+        i_lim /= r
+        np.minimum(i_lim, i_max, out=i_lim)
+        np.maximum(i_lim, 0.0, out=i_lim)
+        p_lim = i_lim * r
+        np.subtract(voc, p_lim, out=p_lim)
+        p_lim *= i_lim
+        cap = energy * per_s_dt
+        np.minimum(cap, p_lim, out=cap)
+        share, unserved = _dispatch(power_w, energy, cap)
+        fail = running & (unserved > limit)
+        advance: B | None = None  # None: every row
+        if fail.any():
+            refine = fail & (dt > options.min_dt_s)
+            finish = fail & ~refine
+            served = np.clip(power_w - unserved, 0.0, None) / power_w
+            end = np.where(finish, now + dt * served, end)
+            running &= ~finish
+            if not running.any():
+                break
+            if refine.any():
+                # Go back one step and retry with half the step: the end lies within it.
+                s = np.where(refine[:, None], prev_s, s)
+                now = np.where(refine, prev_now, now)
+                dt = np.where(refine, np.maximum(0.5 * dt, options.min_dt_s), dt)
+                per_s_dt = _S_PER_H / dt[:, None]
+                soc_per_a = dt[:, None] * soc_per_as
+                advance = ~refine
+        # Each pack's current from P = I (Voc - I R), in the form that is stable for small P.
+        disc = r * share
+        disc *= -4.0
+        disc += voc * voc
+        np.maximum(disc, 0.0, out=disc)
+        np.sqrt(disc, out=disc)
+        disc += voc
+        current = share * 2.0
+        current /= disc
+        np.minimum(current, i_lim, out=current)
+        current *= soc_per_a
+        stepped = s - current
+        np.maximum(stepped, 0.0, out=stepped)
+        if advance is None:
+            prev_s, prev_now = s, now
+            s, now = stepped, now + dt
+        else:
+            prev_s = np.where(advance[:, None], s, prev_s)
+            prev_now = np.where(advance, now, prev_now)
+            s = np.where(advance[:, None], stepped, s)
+            now = np.where(advance, now + dt, now)
+        beyond = running & (now >= options.horizon_s)
+        if beyond.any():
+            end = np.where(beyond, np.inf, end)
+            running &= ~beyond
+            if not running.any():
+                break
+    # Not reached in practice (the step count is bounded); what is left ran at least this long.
+    out: F64 = np.where(running, now, end)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Site outlook
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SiteOutlook:
+    """The site's energy, SoC, runtime and ride-through with their P5/P95 bands.
+
+    Attributes:
+        pack_energy_kwh: per pack, energy to the floor at its SoC estimate, kWh (NaN where
+            not available).
+        pack_energy_kwh_p5: its 5th percentile, kWh.
+        pack_energy_kwh_p95: its 95th percentile, kWh.
+        energy_kwh: site energy to the floor, summed over the available packs, kWh.
+        energy_kwh_p5: its 5th percentile, kWh.
+        energy_kwh_p95: its 95th percentile, kWh.
+        soc: site SoC, the mean of the available packs' SoC weighted by their energy
+            capacity (``series x capacity x nominal voltage``), fraction (NaN if none).
+        soc_p5: the same over the P5 scenario's SoC.
+        soc_p95: the same over the P95 scenario's SoC.
+        runtime_s_p5: time the packs can hold the present battery power, P5, s (None when
+            the battery is not discharging or no pack is available; ``inf`` beyond the
+            horizon).
+        runtime_s_p50: the median, s.
+        runtime_s_p95: the 95th percentile, s.
+        ridethrough_s_p5: time the packs can carry the whole present load (grid lost), P5,
+            s (None when there is no load or no pack is available).
+        ridethrough_s_p50: the median, s.
+        ridethrough_s_p95: the 95th percentile, s.
+    """
+
+    pack_energy_kwh: F64
+    pack_energy_kwh_p5: F64
+    pack_energy_kwh_p95: F64
+    energy_kwh: float
+    energy_kwh_p5: float
+    energy_kwh_p95: float
+    soc: float
+    soc_p5: float
+    soc_p95: float
+    runtime_s_p5: float | None
+    runtime_s_p50: float | None
+    runtime_s_p95: float | None
+    ridethrough_s_p5: float | None
+    ridethrough_s_p50: float | None
+    ridethrough_s_p95: float | None
+
+
+def _readonly(a: F64) -> F64:
+    a.flags.writeable = False
+    return a
+
+
+def _runtimes(
+    packs: EnergyPacks,
+    power_w: float | None,
+    scenarios: F64,
+    temp_c: F64,
+    available: B,
+    options: OutlookOptions,
+) -> tuple[float | None, float | None, float | None]:
+    if power_w is None or not (math.isfinite(power_w) and power_w > 0.0) or not available.any():
+        return None, None, None
+    found = time_to_floor_s(
+        packs, power_w, scenarios, temp_c=temp_c, available=available, floor_soc=options.floor_soc, options=options
+    )
+    # The scenarios are ordered (every pack's SoC moves one way), so is the runtime; sorting
+    # only removes step-size noise when the bands are narrower than a step.
+    p5, p50, p95 = np.sort(found).tolist()
+    return p5, p50, p95
+
+
+def site_outlook(
+    packs: EnergyPacks,
+    *,
+    soc: F64,
+    soc_std: F64,
+    temp_c: F64,
+    current_a: F64,
+    available: B,
+    battery_w: float | None,
+    load_w: float | None,
+    options: OutlookOptions = OutlookOptions(),
+) -> SiteOutlook:
+    """Return the site's energy, SoC, runtime and ride-through at P5/P50/P95.
+
+    The bands come from a linearised error budget and three SoC scenarios, as the module
+    docstring describes; deterministic, no sampling.
+
+    Args:
+        packs: the packs.
+        soc: usable SoC estimate per pack, fraction (NaN: the pack is left out).
+        soc_std: its independent standard deviation per pack, fraction (NaN counts as 0).
+        temp_c: cell temperature per pack, °C (NaN is taken as 25 °C).
+        current_a: present current per pack, A (the energy is drawn at it; NaN counts as 0).
+        available: per pack, True if it takes part (online, contactor closed).
+        battery_w: present battery power, W, positive on discharge (runtime; None: unknown).
+        load_w: present site load, W (ride-through; None: unknown).
+        options: floor, quantile, common SoC error and simulation control.
+
+    Returns:
+        The outlook. Per-pack arrays are read-only.
+
+    Examples:
+        >>> import numpy as np
+        >>> import polars as pl
+        >>> meta = pl.DataFrame({"pack": ["a", "b"], "chemistry": ["nmc811", "lfp"],
+        ...     "rated_capacity_ah": [300.0, 404.0], "series_cells": [96, 120]})
+        >>> packs = EnergyPacks.from_meta(meta)
+        >>> out = site_outlook(packs, soc=np.array([0.8, 0.7]), soc_std=np.array([0.02, 0.05]),
+        ...     temp_c=np.full(2, 25.0), current_a=np.zeros(2), available=np.ones(2, dtype=bool),
+        ...     battery_w=20_000.0, load_w=None)
+        >>> out.energy_kwh_p5 < out.energy_kwh < out.energy_kwh_p95
+        True
+        >>> out.runtime_s_p5 < out.runtime_s_p50 < out.runtime_s_p95, out.ridethrough_s_p50
+        (True, None)
+    """
+    n = packs.n_packs
+    soc_a = np.broadcast_to(np.asarray(soc, dtype=np.float64), (n,))
+    std = np.nan_to_num(np.broadcast_to(np.asarray(soc_std, dtype=np.float64), (n,)), nan=0.0)
+    std = np.clip(std, 0.0, None)
+    temp = np.broadcast_to(np.asarray(temp_c, dtype=np.float64), (n,))
+    current = np.nan_to_num(np.broadcast_to(np.asarray(current_a, dtype=np.float64), (n,)), nan=0.0)
+    use = np.broadcast_to(np.asarray(available, dtype=np.bool_), (n,)) & np.isfinite(soc_a)
+    z, common, floor = options.quantile_z, options.common_soc_std, options.floor_soc
+    s = np.where(use, np.clip(soc_a, 0.0, 1.0), np.nan)
+
+    # Per pack: energy at the estimate and at the SoC band's ends (one call, three rows).
+    band = z * np.sqrt(std * std + common * common)
+    # Row 0 at max(soc, floor): the same energy (zero below the floor), and the OCV and
+    # resistance there give the slope dE/dsoc from above for a pack at or below the floor.
+    stacked = np.stack([np.clip(s, floor, 1.0), np.clip(s - band, 0.0, 1.0), np.clip(s + band, 0.0, 1.0)])
+    energies, ocv, rsoc, r_scale = _energy_parts(packs, stacked, np.asarray(floor), temp, current)
+    e, e_lo, e_hi = energies
+    q = packs.capacity_ah
+    cap_err = z * e * packs.capacity_rel_std
+    pack_p5 = np.clip(e - np.hypot(e - e_lo, cap_err), 0.0, None)
+    pack_p95 = e + np.hypot(e_hi - e, cap_err)
+
+    # The site's error budget, with the exact dE/dsoc = Q (series OCV - |I| R_pack).
+    r_pack = r_scale[0] * rsoc[0] + packs.series_r_ohm
+    g = np.where(use, np.clip(q * (packs.series * ocv[0] - np.abs(current) * r_pack), 0.0, None), 0.0)
+    e0 = np.where(use, e, 0.0)
+    g_sum = float(g.sum())
+    var_indep = (g * std) ** 2 + (e0 * packs.capacity_rel_std) ** 2
+    share = var_indep + g * common * common * g_sum
+    var = float(share.sum())
+    sigma = math.sqrt(var)
+    total = float(e0.sum())
+    # Each pack's SoC shift that moves the site energy by z sigma: its share of the variance.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shift = np.where(use & (g > 0.0) & (var > 0.0), z * sigma * share / (var * g), 0.0)
+    scenarios = np.stack([np.clip(s - shift, 0.0, 1.0), s, np.clip(s + shift, 0.0, 1.0)])
+
+    weight = np.where(use, packs.series * q * packs._v_nominal_v, 0.0)
+    w_sum = float(weight.sum())
+    if w_sum > 0.0:
+        site_soc = (np.where(use, scenarios, 0.0) * weight).sum(axis=1) / w_sum
+        soc_p5, soc_p50, soc_p95 = (float(x) for x in site_soc)
+    else:
+        soc_p5 = soc_p50 = soc_p95 = math.nan
+    runtime = _runtimes(packs, battery_w, scenarios, temp, use, options)
+    ride = (
+        runtime
+        if load_w is not None and battery_w is not None and load_w == battery_w
+        else _runtimes(packs, load_w, scenarios, temp, use, options)
+    )
+    return SiteOutlook(
+        pack_energy_kwh=_readonly(np.where(use, e / _WH_PER_KWH, np.nan)),
+        pack_energy_kwh_p5=_readonly(np.where(use, pack_p5 / _WH_PER_KWH, np.nan)),
+        pack_energy_kwh_p95=_readonly(np.where(use, pack_p95 / _WH_PER_KWH, np.nan)),
+        energy_kwh=total / _WH_PER_KWH,
+        energy_kwh_p5=max(total - z * sigma, 0.0) / _WH_PER_KWH,
+        energy_kwh_p95=(total + z * sigma) / _WH_PER_KWH,
+        soc=soc_p50,
+        soc_p5=soc_p5,
+        soc_p95=soc_p95,
+        runtime_s_p5=runtime[0],
+        runtime_s_p50=runtime[1],
+        runtime_s_p95=runtime[2],
+        ridethrough_s_p5=ride[0],
+        ridethrough_s_p50=ride[1],
+        ridethrough_s_p95=ride[2],
+    )

@@ -1,0 +1,315 @@
+"""Score the twin's estimates against the emulator's truth: the accuracy harness behind ``mgtwin evaluate``.
+
+Inputs, in one run folder: the twin's ``estimates.parquet`` and ``site_estimates.parquet``
+(written by ``mgtwin replay``), the emulator's ``truth.parquet`` and ``site_truth.parquet``,
+and the telemetry's ``soc_bms`` (the BMS-reported SoC, scored the same way as the twin).
+The twin never sees the truth; this module only compares afterwards.
+
+Rules (documented so that the figures can be reproduced):
+
+* Times: each estimate is matched with the truth sample nearest in event time (at most
+  ``tolerance_s`` apart), per pack for the pack tables. The first ``skip_s`` of the run are
+  left out (the filters start from a wide prior).
+* SoC: packs the truth marks available and the twin has an estimate for; the truth is the
+  pack's usable SoC (what its weakest cell lets it deliver). ``soc_rmse_bms`` scores the BMS's
+  ``soc_bms`` at the same (time, pack) rows.
+* Energy, runtime and ride-through: the site figures at the truth's times; MAPE over the
+  times where the truth is finite and positive (runtime is undefined while the site charges,
+  and beyond the emulator's seven-day horizon); band coverage is the share of those times
+  where the truth lies within the twin's P5-P95.
+
+All errors are fractions (0.012 is 1.2 %).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+
+from twin.errors import TwinError
+from twin.replay import ESTIMATES_FILE, SITE_ESTIMATES_FILE
+
+__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_run", "plot_run"]
+
+#: Keys of the JSON summary this module always fills (null when there is nothing to score).
+KEYS: Final = (
+    "soc_rmse",
+    "soc_rmse_bms",
+    "soc_rmse_by_chemistry",
+    "soc_rmse_bms_by_chemistry",
+    "soc_mean_std",
+    "pack_energy_mape",
+    "energy_mape",
+    "energy_band_coverage",
+    "runtime_mape",
+    "runtime_band_coverage",
+    "ridethrough_mape",
+    "ridethrough_band_coverage",
+)
+
+
+class EvaluateError(TwinError):
+    """A run folder that cannot be scored: no truth, or no estimates yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluateOptions:
+    """Scoring rules.
+
+    Attributes:
+        skip_s: leave out the first seconds of the run.
+        tolerance_s: largest time between an estimate and the truth it is compared with.
+    """
+
+    skip_s: float = 3600.0
+    tolerance_s: float = 30.0
+
+
+def _need(path: Path, hint: str) -> Path:
+    if not path.is_file():
+        msg = f"{path} is missing; {hint}"
+        raise EvaluateError(msg)
+    return path
+
+
+def load_pairs(
+    run: Path, estimates_dir: Path | None = None, options: EvaluateOptions = EvaluateOptions()
+) -> dict[str, pl.DataFrame]:
+    """Return the matched (estimate, truth) tables: ``packs`` and ``site``.
+
+    Raises:
+        EvaluateError: missing truth or estimates.
+    """
+    est_dir = estimates_dir or run
+    truth = pl.read_parquet(_need(run / "truth.parquet", "run the emulator with --truth"))
+    site_truth = pl.read_parquet(_need(run / "site_truth.parquet", "run the emulator with --truth"))
+    hint = f"run `mgtwin replay {run} --out {est_dir}` first"
+    est = pl.read_parquet(_need(est_dir / ESTIMATES_FILE, hint))
+    site_est = pl.read_parquet(_need(est_dir / SITE_ESTIMATES_FILE, hint))
+    if est.height == 0 or truth.height == 0:
+        msg = f"nothing to score in {run}: {est.height} estimates, {truth.height} truth rows"
+        raise EvaluateError(msg)
+    tol = round(options.tolerance_s * 1000)
+    start = min(int(truth.select(pl.col("ts_ms").min()).item()), int(est.select(pl.col("ts_ms").min()).item()))
+    since = start + round(options.skip_s * 1000)
+    times = est.select("ts_ms").unique()
+    bms = (
+        pl.scan_parquet(run / "telemetry.parquet")
+        .select("ts_ms", "pack", "soc_bms")
+        .join(times.lazy(), on="ts_ms", how="semi")
+        .collect()
+    )
+    packs = (
+        est.filter(pl.col("ts_ms") >= since)
+        .select("ts_ms", "pack", "chemistry", "life", "online", "soc", "soc_std", "energy_to_floor_kwh")
+        .sort("ts_ms")
+        .join_asof(
+            truth.select(
+                "ts_ms",
+                "pack",
+                pl.col("soc").alias("soc_true"),
+                pl.col("energy_to_floor_kwh").alias("energy_true"),
+                pl.col("available").alias("available_true"),
+            ).sort("ts_ms"),
+            on="ts_ms",
+            by="pack",
+            strategy="nearest",
+            tolerance=tol,
+        )
+        .join(bms, on=["ts_ms", "pack"], how="left")
+        .filter(pl.col("soc_true").is_not_null() & pl.col("available_true") & pl.col("soc").is_not_null())
+    )
+    site = (
+        site_truth.filter(pl.col("ts_ms") >= since)
+        .sort("ts_ms")
+        .join_asof(site_est.sort("ts_ms"), on="ts_ms", strategy="nearest", tolerance=tol, suffix="_est")
+    )
+    return {"packs": packs, "site": site}
+
+
+def _rmse(a: str, b: str) -> pl.Expr:
+    return ((pl.col(a) - pl.col(b)) ** 2).mean().sqrt()
+
+
+def _ape(est: str, true: str) -> pl.Expr:
+    return (pl.col(est) - pl.col(true)).abs() / pl.col(true)
+
+
+def _site_scores(site: pl.DataFrame, est: str, true: str, p5: str, p95: str) -> tuple[float | None, float | None, int]:
+    valid = site.filter(
+        pl.col(true).is_finite() & (pl.col(true) > 0) & pl.col(est).is_not_null() & pl.col(est).is_finite()
+    )
+    if valid.height == 0:
+        return None, None, 0
+    mape = float(valid.select(_ape(est, true).mean()).item())
+    inside = valid.select(((pl.col(true) >= pl.col(p5)) & (pl.col(true) <= pl.col(p95))).mean()).item()
+    return mape, float(inside), valid.height
+
+
+def evaluate_run(
+    run: Path, *, estimates_dir: Path | None = None, options: EvaluateOptions = EvaluateOptions()
+) -> dict[str, Any]:
+    """Score a replayed run against its truth.
+
+    Args:
+        run: the run folder (truth and telemetry).
+        estimates_dir: where ``mgtwin replay`` wrote the estimates (default: ``run``).
+        options: scoring rules.
+
+    Returns:
+        One JSON-ready dict with at least the keys of :data:`KEYS`, and counts.
+
+    Raises:
+        EvaluateError: missing truth or estimates.
+    """
+    pairs = load_pairs(run, estimates_dir, options)
+    packs, site = pairs["packs"], pairs["site"]
+    out: dict[str, Any] = dict.fromkeys(KEYS)
+    if packs.height:
+        scored = packs.filter(pl.col("soc_bms").is_not_null())
+        overall = packs.select(
+            soc=_rmse("soc", "soc_true"),
+            std=pl.col("soc_std").mean(),
+            energy=_ape("energy_to_floor_kwh", "energy_true").filter(pl.col("energy_true") > 1.0).mean(),
+        ).row(0, named=True)
+        out["soc_rmse"] = overall["soc"]
+        out["soc_mean_std"] = overall["std"]
+        out["pack_energy_mape"] = overall["energy"]
+        out["soc_rmse_bms"] = scored.select(_rmse("soc_bms", "soc_true")).item() if scored.height else None
+        by = (
+            packs.group_by("chemistry")
+            .agg(est=_rmse("soc", "soc_true"), bms=_rmse("soc_bms", "soc_true"), n=pl.len())
+            .sort("chemistry")
+        )
+        out["soc_rmse_by_chemistry"] = {r["chemistry"]: r["est"] for r in by.iter_rows(named=True)}
+        out["soc_rmse_bms_by_chemistry"] = {r["chemistry"]: r["bms"] for r in by.iter_rows(named=True)}
+        life = packs.group_by("life").agg(est=_rmse("soc", "soc_true"), bms=_rmse("soc_bms", "soc_true")).sort("life")
+        out["soc_rmse_by_life"] = {str(r["life"]): r["est"] for r in life.iter_rows(named=True)}
+    for name, est, true, p5, p95 in (
+        (
+            "energy",
+            "energy_to_floor_kwh_est",
+            "energy_to_floor_kwh",
+            "energy_to_floor_kwh_p5",
+            "energy_to_floor_kwh_p95",
+        ),
+        ("runtime", "runtime_s_p50", "runtime_s", "runtime_s_p5", "runtime_s_p95"),
+        ("ridethrough", "ridethrough_s_p50", "ridethrough_s", "ridethrough_s_p5", "ridethrough_s_p95"),
+    ):
+        mape, coverage, n = _site_scores(site, est, true, p5, p95)
+        out[f"{name}_mape"] = mape
+        out[f"{name}_band_coverage"] = coverage
+        out[f"{name}_points"] = n
+    out["pack_rows_scored"] = packs.height
+    out["packs_scored"] = packs["pack"].n_unique() if packs.height else 0
+    out["site_rows_scored"] = site.height
+    out["skip_s"] = options.skip_s
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def worst_packs(packs: pl.DataFrame, n: int = 6) -> list[str]:
+    """The ``n`` packs with the largest SoC RMSE."""
+    table = packs.group_by("pack").agg(e=_rmse("soc", "soc_true")).sort("e", descending=True)
+    return [str(p) for p in table["pack"].head(n).to_list()]
+
+
+def plot_run(
+    run: Path, out: Path, *, estimates_dir: Path | None = None, options: EvaluateOptions = EvaluateOptions()
+) -> list[Path]:
+    """Draw estimate against truth with the bands: the site, and the worst packs' SoC.
+
+    Returns:
+        The PNG files written (``eval_site.png``, ``eval_packs.png``).
+    """
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    est_dir = estimates_dir or run
+    pairs = load_pairs(run, est_dir, EvaluateOptions(skip_s=0.0, tolerance_s=options.tolerance_s))
+    site_est = pl.read_parquet(est_dir / SITE_ESTIMATES_FILE)
+    site_truth = pl.read_parquet(run / "site_truth.parquet")
+    t0 = int(site_est.select(pl.col("ts_ms").min()).item())
+
+    def hours(frame: pl.DataFrame) -> Any:
+        return ((frame["ts_ms"] - t0) / 3_600_000).to_numpy()
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    fig, axes = plt.subplots(3, 1, figsize=(11, 10), sharex=True)
+    panels = (
+        (
+            "energy to the reserve floor (kWh)",
+            "energy_to_floor_kwh",
+            "energy_to_floor_kwh_p5",
+            "energy_to_floor_kwh_p95",
+            "energy_to_floor_kwh",
+            1.0,
+        ),
+        (
+            "runtime at the present battery power (h)",
+            "runtime_s_p50",
+            "runtime_s_p5",
+            "runtime_s_p95",
+            "runtime_s",
+            3600.0,
+        ),
+        (
+            "ride-through of the data-centre load (h)",
+            "ridethrough_s_p50",
+            "ridethrough_s_p5",
+            "ridethrough_s_p95",
+            "ridethrough_s",
+            3600.0,
+        ),
+    )
+    for ax, (title, mid, lo, hi, true, scale) in zip(axes, panels, strict=True):
+        x = hours(site_est)
+        ax.fill_between(
+            x,
+            (site_est[lo] / scale).to_numpy(),
+            (site_est[hi] / scale).to_numpy(),
+            alpha=0.25,
+            color="tab:blue",
+            label="twin P5-P95",
+            step="post",
+        )
+        ax.plot(x, (site_est[mid] / scale).to_numpy(), color="tab:blue", lw=1.2, label="twin P50")
+        ax.plot(hours(site_truth), (site_truth[true] / scale).to_numpy(), "o", color="black", ms=3, label="truth")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("hours since the start of the run")
+    fig.suptitle(f"{run.name}: site estimates against the emulator's truth")
+    fig.tight_layout()
+    files.append(out / "eval_site.png")
+    fig.savefig(files[-1], dpi=90)
+    plt.close(fig)
+
+    packs = pairs["packs"]
+    chosen = worst_packs(packs.filter(pl.col("ts_ms") >= t0 + round(options.skip_s * 1000)))
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(11, 2.2 * max(len(chosen), 1) + 1), sharex=True, squeeze=False)
+    for ax, pack in zip(axes[:, 0], chosen, strict=True):
+        p = packs.filter(pl.col("pack") == pack).sort("ts_ms")
+        x = hours(p)
+        soc, std = p["soc"].to_numpy(), p["soc_std"].to_numpy()
+        ax.fill_between(x, soc - 1.645 * std, soc + 1.645 * std, alpha=0.25, color="tab:blue")
+        ax.plot(x, soc, color="tab:blue", lw=1.2, label="twin (P5-P95)")
+        ax.plot(x, p["soc_true"].to_numpy(), color="black", lw=1.0, label="truth")
+        ax.plot(x, p["soc_bms"].to_numpy(), color="tab:orange", lw=0.8, ls="--", label="BMS")
+        ax.set_ylabel("SoC")
+        ax.set_title(f"{pack} ({p['chemistry'][0]}, {p['life'][0]})", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("hours since the start of the run")
+    fig.suptitle("the packs with the largest SoC error")
+    fig.tight_layout()
+    files.append(out / "eval_packs.png")
+    fig.savefig(files[-1], dpi=90)
+    plt.close(fig)
+    return files
