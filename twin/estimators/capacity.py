@@ -92,6 +92,7 @@ class CapacityState:
     anchor_var: F64
     anchor_ah: F64
     anchor_ts_ms: NDArray[np.int64]
+    armed: B  # the SoC moved enough at the previous checkpoint: the pair closes at this one
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -129,6 +130,7 @@ class CapacityTracker:
             anchor_var=np.zeros(n),
             anchor_ah=np.zeros(n),
             anchor_ts_ms=np.zeros(n, dtype=np.int64),
+            armed=np.zeros(n, dtype=np.bool_),
         )
 
     def snapshot(self) -> CapacityState:
@@ -167,7 +169,12 @@ class CapacityTracker:
         dsoc = s.anchor_soc - soc  # discharge positive, like the charge
         dt_s = (ts_ms - s.anchor_ts_ms) / 1000.0
         dah = ah - s.anchor_ah - np.nan_to_num(np.asarray(current_offset_a, dtype=np.float64)) * dt_s / 3600.0
-        moved = ok & ~no_anchor & (np.abs(dsoc) >= o.min_dsoc)
+        # A pair closes one checkpoint *after* the SoC was seen to have moved enough: closing it
+        # at the crossing itself would select the samples whose noise pushed them over the
+        # threshold and bias the capacity low.
+        crossed = ok & ~no_anchor & (np.abs(dsoc) >= o.min_dsoc)
+        moved = ok & ~no_anchor & s.armed & (np.abs(dsoc) >= 0.5 * o.min_dsoc)
+        armed = (s.armed & ~ok) | (crossed & ~s.armed)
         var_x = var + s.anchor_var
         informative = moved & (np.sqrt(var_x) <= o.max_rel_dsoc_std * np.abs(dsoc))
         var_y = (o.current_noise_a**2 * o.sample_s * np.maximum(dt_s, 0.0) + (o.current_offset_std_a * dt_s) ** 2) / (
@@ -193,6 +200,7 @@ class CapacityTracker:
             anchor_var=np.where(renew, var, s.anchor_var),
             anchor_ah=np.where(renew, ah, s.anchor_ah),
             anchor_ts_ms=np.where(renew, ts_ms, s.anchor_ts_ms),
+            armed=armed & ~renew,
         )
 
     def estimate(self) -> CapacityEstimate:
@@ -209,7 +217,17 @@ class CapacityTracker:
         out = CapacityTracker(prior_ah, self.options)
         old, new = self._state, out._state
         arrays = {}
-        for name in ("capacity_ah", "sxx", "sxy", "pairs", "anchor_soc", "anchor_var", "anchor_ah", "anchor_ts_ms"):
+        for name in (
+            "capacity_ah",
+            "sxx",
+            "sxy",
+            "pairs",
+            "anchor_soc",
+            "anchor_var",
+            "anchor_ah",
+            "anchor_ts_ms",
+            "armed",
+        ):
             arr = np.array(getattr(new, name), copy=True)
             arr[into] = getattr(old, name)[keep]
             arrays[name] = arr

@@ -2,20 +2,26 @@
 
 Each pack is treated as one equivalent cell group (pack voltage over the series count) with
 the equivalent circuit of its chemistry (:mod:`twin.chemistry`: ``R0`` and one or two RC
-pairs), and five states::
+pairs), and six states::
 
-    x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a]
+    x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a, r_scale]
 
 * ``soc``: mean SoC of the pack's cell groups, fraction;
-* ``v_rc1_v``: voltage across the fast RC pair (``R1``, ``tau1``) of a cell group, V;
-* ``v_rc2_v``: voltage across the slow RC pair (``R2``, ``tau2``), V. For a chemistry
+* ``v_rc1_v``: voltage across the fast RC pair (``R1``, ``tau1``) of a cell group, per unit
+  of ``r_scale``, V;
+* ``v_rc2_v``: voltage across the slow RC pair (``R2``, ``tau2``), per unit of ``r_scale``, V. For a chemistry
   without one (``r2_ohm_ah = 0``: every one but lmo today) ``R2`` is zero and so are this
   state's prior variance and process noise: it stays exactly at zero, uncorrelated with
   the others, and the filter is the one-RC filter;
 * ``hyst``: Plett's normalised one-state hysteresis in [-1, 1] (it tends to -1 on discharge
   and +1 on charge; its amplitude ``H(soc)`` is zero except for LFP);
 * ``current_offset_a``: the current sensor's offset, A (the sensor reads true + offset),
-  a random walk.
+  a random walk;
+* ``r_scale``: the pack's resistance over the chemistry's at its rated capacity (aging and
+  pack-to-pack spread multiply ``R0``, ``R1`` and ``R2`` alike), a slow random walk. Its
+  prior is ``1 + EMPIRICAL_R_PER_FADE * (1 - SoH prior)`` (:mod:`twin.chemistry.aging`:
+  fade brings resistance with it) with a relative spread :attr:`SocOptions.resistance_error`;
+  the changing current (load steps, checkpoints) tells it apart from SoC.
 
 Between samples ``k-1`` and ``k`` (``dt`` from the samples' own timestamps; the current of
 sample ``k-1`` is held, as a BMS samples at the start of an interval), with ``i = i_meas -
@@ -29,15 +35,15 @@ offset``, positive on discharge, and ``Q`` the capacity prior in A·s::
 
 and the measurement of sample ``k`` is the mean cell voltage::
 
-    voltage_v / series = OCV(soc) + H(soc) * hyst - R0 * (i_meas - offset) - v_rc1 - v_rc2
+    voltage_v / series = OCV(soc) + H(soc) * hyst - r_scale * (R0 * i + v_rc1 + v_rc2) - R_series * i
 
-``R0``, ``R1`` and ``R2`` are the chemistry's ``R x Ah`` over the *rated* group capacity,
-times its SoC shape and its temperature factor
+with ``i = i_meas - offset``. ``R0``, ``R1`` and ``R2`` are the chemistry's ``R x Ah`` over
+the *rated* group capacity, times its SoC shape and its temperature factor
 (:meth:`~twin.chemistry.CellChemistry.temp_factor`: Arrhenius, or piecewise Arrhenius in a
 measured table, evaluated per pack from its hinge form) at the sample's ``temp_avg_c``,
 exactly as :meth:`~twin.chemistry.CellChemistry.r0_ohm` and its siblings compute them;
-``R0`` also carries the connector share of the pack and any extra series resistance given
-in :class:`PackInfo`.
+``R0`` also carries the connector share of the pack, and ``R_series`` is any extra series
+resistance given in :class:`PackInfo` (per cell group).
 
 How the filter is tuned, and what it says about itself:
 
@@ -46,9 +52,10 @@ How the filter is tuned, and what it says about itself:
   plateau the voltage carries little information, so ``soc_std`` grows there: the filter is
   coulomb counting and says so (flag ``lfp_plateau``, and ``uncertain`` once ``soc_std``
   exceeds :attr:`SocOptions.uncertain_soc_std`).
-* Model errors are biases, not white noise: the OCV table's error and the resistances'
-  relative error (:attr:`SocOptions.resistance_error`, aging and pack spread, which adds
-  ``(error * R0 * i)**2``). Treated as white, thousands of samples on the plateau would
+* Model errors are biases, not white noise: the OCV table's error and the resistance
+  model's relative error once the scale is estimated (:attr:`SocOptions.resistance_model_error`:
+  its SoC shape and temperature factor, the temperature sensor; it adds
+  ``(error * r_scale * (R0 * i + v_rc1 + v_rc2))**2``). Treated as white, thousands of samples on the plateau would
   "average them away" and make the filter overconfident. Their variance is therefore
   multiplied by the number of samples that pass before they decorrelate, after
   :attr:`SocOptions.ocv_error_corr_soc` of SoC travel or :attr:`SocOptions.ocv_error_corr_s`
@@ -60,12 +67,38 @@ How the filter is tuned, and what it says about itself:
   tangent makes the first updates jump into the wrong region and collapse the covariance
   there; once the prior is narrow the two agree.
 
-Two more outputs come from ``cell_v_min_v`` and ``cell_v_max_v``: the SoC offsets of the
-weakest and the strongest cell group from the mean, each a scalar random-walk Kalman filter
-on the difference ``cell_v - voltage_v / series`` (which cancels the shared current, RC and
-offset terms). They give ``soc_min_cell``, ``soc_max_cell`` and the string's usable SoC
-``soc_usable = soc_min / (soc_min + 1 - soc_max)``: a series string is empty when its
-weakest cell is empty and full when its strongest is full.
+Two small Kalman filters per pack follow the weakest (lowest-voltage) and the strongest
+(highest-voltage) cell group from ``cell_v_min_v`` and ``cell_v_max_v``, three states each::
+
+    c = [d, rate, dr]      d' = d + rate * dsoc          (dsoc: the mean's coulomb-counted change)
+
+* ``d``: the cell's SoC minus ``soc`` (``<= 0`` for the weakest, ``>= 0`` for the strongest);
+* ``rate``: how much faster than the mean its SoC moves, ``Q_mean / Q_cell - 1``: a cell of
+  less capacity drifts away from the mean as the string is cycled (a weak group with 75 %
+  of the capacity has rate 1/3), and ``d`` follows it between voltage readings;
+* ``dr``: its resistance over the mean cell's, less one (a weak group is often also a
+  high-resistance one, whose voltage sags under load by more than its SoC says).
+
+Each is updated from the difference ``cell_v - voltage_v / series``, which cancels the
+shared hysteresis (its amplitude varies little between the cells of a string), current
+offset and most of the drop::
+
+    cell_v - voltage_v / series = OCV(soc + d) - OCV(soc) - m * dr + (connector + series drop)
+
+with ``m = r_scale * (R0_cells * i + v_rc1 + v_rc2)`` the mean cell's own drop; the mean SoC's
+error enters as extra, slowly varying noise in proportion to the difference of the two OCV
+slopes (large for a cell on a steep end of LFP's curve while the mean is on the plateau).
+``rate`` and ``dr`` are random walks (another cell may take over as the extreme one).
+
+The outputs ``soc_min_cell = soc + d_min`` and ``soc_max_cell = soc + d_max`` give the
+string's usable SoC: a series string is empty when its weakest cell is empty and full when
+its strongest is full, so with each cell's capacity ``Q_mean / (1 + rate)``::
+
+    held = soc_min_cell / (1 + rate_min)          room = (1 - soc_max_cell) / (1 + rate_max)
+    soc_usable = held / (held + room)
+
+(``soc_min / (soc_min + 1 - soc_max)`` when the extreme cells have the mean's capacity). The
+twin publishes ``soc_usable``.
 
 Data handling in :meth:`SocEstimator.update` (per pack, in event time):
 
@@ -108,6 +141,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
+from twin.chemistry.aging import EMPIRICAL_R_PER_FADE
 from twin.estimators.base import Estimator, EstimatorError, check_columns, check_names, register
 
 __all__ = [
@@ -137,11 +171,17 @@ _KELVIN: Final = 273.15
 _T_REF_K: Final = REFERENCE_TEMP_C + _KELVIN
 _S_PER_H: Final = 3600.0
 _NO_TS: Final = -1
-_N_STATES: Final = 5
-# State indices: x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a].
-_SOC, _V1, _V2, _HY, _OFF = 0, 1, 2, 3, 4
+_N_STATES: Final = 6
+# State indices: x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a, r_scale].
+_SOC, _V1, _V2, _HY, _OFF, _RS = 0, 1, 2, 3, 4, 5
 _SOC_LIMITS: Final = (-0.2, 1.2)  # the state may overshoot [0, 1] a little; outputs are clipped
+_R_SCALE_LIMITS: Final = (0.2, 10.0)
+# Extreme-cell filters: per pack, the weakest (0) and strongest (1) cell group, three states each.
+_N_CELL: Final = 3
+_CD, _CR, _CX = 0, 1, 2  # SoC offset from the mean, rate (d soc_cell / d soc_mean - 1), resistance excess
 _CELL_OFFSET_LIMIT: Final = 0.5
+_CELL_RATE_LIMITS: Final = (-0.5, 1.5)
+_CELL_R_LIMITS: Final = (-0.9, 9.0)
 _SQRT3: Final = float(np.sqrt(3.0))
 _W0: Final = 2.0 / 3.0  # Gauss-Hermite weights of the nodes 0 and +-sqrt(3) sigma
 _W1: Final = 1.0 / 6.0
@@ -329,7 +369,12 @@ class SocOptions:
         ocv_error_v: error of the OCV table per cell, V (a bias, see ``ocv_error_corr_s``).
         ocv_error_corr_s: correlation time of that error, s.
         ocv_error_corr_soc: correlation length of that error in SoC.
-        resistance_error: relative error of R0, R1 and R2 (aging, pack-to-pack spread).
+        resistance_error: prior relative standard deviation of the pack's resistance scale
+            (aging and pack-to-pack spread around the prior from the SoH prior).
+        resistance_model_error: relative error of the resistance model once the scale is
+            estimated (its SoC shape and temperature factor, the temperature sensor).
+        resistance_rw_per_sqrt_h: random walk of the resistance scale, per square-root hour
+            (it also takes up what the temperature factor and the temperature sensor miss).
         capacity_error: relative error of the capacity prior, which makes SoC uncertainty grow
             with throughput.
         capacity_error_coherence: SoC swing over which the capacity error accumulates
@@ -345,8 +390,15 @@ class SocOptions:
         cell_offset0_std: prior standard deviation of the weakest/strongest cell's SoC offset.
         cell_offset_rw: random walk of those offsets per unit of SoC throughput (variance per
             step ``cell_offset_rw**2 * |dsoc|``).
-        cell_resistance_spread: relative resistance spread between cells (makes cell voltages
-            under current count for less).
+        cell_rate0_std: prior standard deviation of the extreme cells' rate (how much faster
+            than the mean their SoC moves: the mean capacity over theirs, less one).
+        cell_rate_rw: random walk of those rates per unit of SoC throughput (variance per step
+            ``cell_rate_rw**2 * |dsoc|``; another cell takes over as the extreme one).
+        cell_r0_std: prior standard deviation of the extreme cells' resistance relative to the
+            mean cell's, less one.
+        cell_r_rw_per_sqrt_h: random walk of that excess resistance, per square-root hour.
+        cell_resistance_spread: relative error of the extreme cells' voltage drop once their
+            resistance is estimated (makes cell voltages under current count for less).
         cell_ocv_error_v: OCV shape difference between cells, V.
         uncertain_soc_std: above this ``soc_std`` the estimate is flagged uncertain.
         plateau_slope_v: below this OCV slope (V per unit SoC) the estimate is flagged as on
@@ -366,6 +418,8 @@ class SocOptions:
     ocv_error_corr_s: float = 600.0
     ocv_error_corr_soc: float = 0.02
     resistance_error: float = 0.3
+    resistance_model_error: float = 0.1
+    resistance_rw_per_sqrt_h: float = 0.15
     capacity_error: float = 0.03
     capacity_error_coherence: float = 0.1
     soc_drift_per_sqrt_h: float = 0.002
@@ -376,7 +430,11 @@ class SocOptions:
     connector_share: float = 0.035
     cell_offset0_std: float = 0.05
     cell_offset_rw: float = 0.02
-    cell_resistance_spread: float = 0.2
+    cell_rate0_std: float = 0.15
+    cell_rate_rw: float = 0.1
+    cell_r0_std: float = 0.5
+    cell_r_rw_per_sqrt_h: float = 0.05
+    cell_resistance_spread: float = 0.1
     cell_ocv_error_v: float = 0.001
     uncertain_soc_std: float = 0.05
     plateau_slope_v: float = 0.2
@@ -481,6 +539,7 @@ class SocParams:
     r0_ref_ohm: F64  # (P,) per cell at 25 °C, 50 % SoC, incl. connector share
     r1_ref_ohm: F64
     r2_ref_ohm: F64  # (P,) zero for a one-RC chemistry
+    r_scale0: F64  # (P,) prior of the resistance scale, from the SoH prior
     r_series_cell_ohm: F64
     # The chemistry's temperature factor, ln f = tf_const + tf_slope * u + sum_j
     # tf_changes[:, j] * max(u - tf_knots[:, j], 0) with u = 1/T - 1/T_ref
@@ -548,6 +607,8 @@ class SocParams:
             "r0_ref_ohm": per_pack(lambda c: c.r0_ohm_ah) / rated * (1.0 + o.connector_share),
             "r1_ref_ohm": per_pack(lambda c: c.r1_ohm_ah) / rated,
             "r2_ref_ohm": per_pack(lambda c: c.r2_ohm_ah) / rated,
+            # Resistance grows with fade (BATTERY_NOTES 3: about +30 % at 20 % fade).
+            "r_scale0": 1.0 + EMPIRICAL_R_PER_FADE * np.clip(1.0 - packs.capacity_ah / rated, 0.0, 0.5),
             "r_series_cell_ohm": packs.series_r_ohm / series,
             "tf_const": np.array([h[0] for h in hinges], dtype=np.float64)[index],
             "tf_slope": np.array([h[1] for h in hinges], dtype=np.float64)[index],
@@ -587,10 +648,13 @@ class SocState:
 
     Attributes:
         pack_ids: the packs the rows belong to (checked on restore).
-        x: ``(P, 5)`` state mean ``[soc, v_rc1_v, v_rc2_v, hyst, current_offset_a]``.
-        cov: ``(P, 5, 5)`` state covariance.
-        cell_offset: ``(P, 2)`` SoC of the weakest and of the strongest cell group minus ``soc``.
-        cell_offset_var: ``(P, 2)`` their variances (at or above the prior's: no cell data yet).
+        x: ``(P, 6)`` state mean ``[soc, v_rc1_v, v_rc2_v, hyst, current_offset_a, r_scale]``.
+        cov: ``(P, 6, 6)`` state covariance.
+        cell_x: ``(P, 2, 3)`` the weakest (``[:, 0]``) and the strongest (``[:, 1]``) cell
+            group: SoC minus ``soc``, rate (``d soc_cell / d soc - 1``) and resistance
+            relative to the mean cell's, less one.
+        cell_cov: ``(P, 2, 3, 3)`` their covariances (the offset's variance is at or above the
+            prior's until cell voltages arrive).
         last_ts_ms: ``(P,)`` event time of the last processed sample, -1 before the first.
         last_current_a: ``(P,)`` last finite measured current, A (held over the next interval).
         last_temp_c: ``(P,)`` last finite temperature, °C.
@@ -606,8 +670,8 @@ class SocState:
     pack_ids: tuple[str, ...]
     x: F64
     cov: F64
-    cell_offset: F64
-    cell_offset_var: F64
+    cell_x: F64
+    cell_cov: F64
     last_ts_ms: I64
     last_current_a: F64
     last_temp_c: F64
@@ -622,8 +686,8 @@ class SocState:
     _ARRAYS: ClassVar[tuple[tuple[str, tuple[int, ...], type[np.generic]], ...]] = (
         ("x", (_N_STATES,), np.float64),
         ("cov", (_N_STATES, _N_STATES), np.float64),
-        ("cell_offset", (2,), np.float64),
-        ("cell_offset_var", (2,), np.float64),
+        ("cell_x", (2, _N_CELL), np.float64),
+        ("cell_cov", (2, _N_CELL, _N_CELL), np.float64),
         ("last_ts_ms", (), np.int64),
         ("last_current_a", (), np.float64),
         ("last_temp_c", (), np.float64),
@@ -666,6 +730,9 @@ class SocState:
 def initial_state(params: SocParams) -> SocState:
     """Return the prior: every pack at its SoC prior, no RC voltages, no hysteresis, no offset.
 
+    The resistance scale starts at its prior from the SoH prior, the extreme cells at the
+    mean cell (no offset, the same rate and resistance).
+
     The slow RC voltage's prior variance is zero for packs whose chemistry has no slow pair.
 
     Args:
@@ -685,13 +752,19 @@ def initial_state(params: SocParams) -> SocState:
     cov[:, _V2, _V2] = np.where(params.r2_ref_ohm > 0.0, o.v_rc0_std_v**2, 0.0)
     cov[:, _HY, _HY] = o.hyst0_std**2
     cov[:, _OFF, _OFF] = o.current_offset_sd_a**2
+    x[:, _RS] = params.r_scale0
+    cov[:, _RS, _RS] = (o.resistance_error * params.r_scale0) ** 2
+    cell_cov = np.zeros((n, 2, _N_CELL, _N_CELL))
+    cell_cov[:, :, _CD, _CD] = o.cell_offset0_std**2
+    cell_cov[:, :, _CR, _CR] = o.cell_rate0_std**2
+    cell_cov[:, :, _CX, _CX] = o.cell_r0_std**2
     zeros = np.zeros(n, dtype=np.int64)
     return SocState(
         pack_ids=p.pack_ids,
         x=x,
         cov=cov,
-        cell_offset=np.zeros((n, 2)),
-        cell_offset_var=np.full((n, 2), o.cell_offset0_std**2),
+        cell_x=np.zeros((n, 2, _N_CELL)),
+        cell_cov=cell_cov,
         last_ts_ms=np.full(n, _NO_TS, dtype=np.int64),
         last_current_a=np.zeros(n),
         last_temp_c=np.full(n, REFERENCE_TEMP_C),
@@ -955,6 +1028,7 @@ class _Noise:
 
     soc_rw2_per_s: float
     offset_rw2_per_s: float
+    r_rw2_per_s: float
     capacity2: float
     gap2_per_s2: float
     current2: float
@@ -963,7 +1037,10 @@ class _Noise:
     ocv2: float
     cell_ocv2: float
     cell_rw2: float
+    cell_rate_rw2: float
+    cell_r_rw2_per_s: float
     hyst_error: float
+    conn_frac: float
 
     @classmethod
     def from_options(cls, o: SocOptions) -> _Noise:
@@ -971,15 +1048,19 @@ class _Noise:
         return cls(
             soc_rw2_per_s=o.soc_drift_per_sqrt_h**2 / _S_PER_H,
             offset_rw2_per_s=o.current_offset_rw_a_per_sqrt_h**2 / _S_PER_H,
+            r_rw2_per_s=o.resistance_rw_per_sqrt_h**2 / _S_PER_H,
             capacity2=o.capacity_error**2 * o.capacity_error_coherence,
             gap2_per_s2=(o.gap_current_sd_c / _S_PER_H) ** 2,
             current2=o.current_noise_a**2,
-            resistance2=o.resistance_error**2,
+            resistance2=o.resistance_model_error**2,
             spread2=o.cell_resistance_spread**2,
             ocv2=o.ocv_error_v**2,
             cell_ocv2=o.cell_ocv_error_v**2,
             cell_rw2=o.cell_offset_rw**2,
+            cell_rate_rw2=o.cell_rate_rw**2,
+            cell_r_rw2_per_s=o.cell_r_rw_per_sqrt_h**2 / _S_PER_H,
             hyst_error=o.hyst_error,
+            conn_frac=o.connector_share / (1.0 + o.connector_share),
         )
 
 
@@ -994,12 +1075,12 @@ class _Bank:
         self.ocv_table = np.ascontiguousarray(params.table[:, _OCV : _OCV + 2])
         self.rsoc_table = np.ascontiguousarray(params.table[:, _RSOC : _RSOC + 2])
         x = state.x[active]
-        self.soc, self.vrc1, self.vrc2, self.hy, self.off = (np.ascontiguousarray(x[:, j]) for j in range(_N_STATES))
+        self.soc, self.vrc1, self.vrc2, self.hy, self.off, self.rs = (
+            np.ascontiguousarray(x[:, j]) for j in range(_N_STATES)
+        )
         self.cov: F64 = state.cov[active]
-        self.d_min: F64 = state.cell_offset[active, 0]
-        self.d_max: F64 = state.cell_offset[active, 1]
-        self.var_min: F64 = state.cell_offset_var[active, 0]
-        self.var_max: F64 = state.cell_offset_var[active, 1]
+        self.cx: F64 = state.cell_x[active]  # copies: written in place below
+        self.ccov: F64 = state.cell_cov[active]
         self.last_ts: I64 = state.last_ts_ms[active]
         self.last_i: F64 = state.last_current_a[active]
         self.last_t: F64 = state.last_temp_c[active]
@@ -1016,16 +1097,17 @@ class _Bank:
         self.cvec = np.zeros((n, _N_STATES))
         self.qvec = np.zeros((n, _N_STATES))
         self.hrow = np.empty((n, _N_STATES))
-        self.hrow[:, _V1] = -1.0
-        self.hrow[:, _V2] = -1.0
+        self.row2 = np.repeat(self.c.row, 2)
+        self.cell_v: F64 = np.empty(0)  # (k, n, 2) cell_v_min_v and cell_v_max_v, set by step()
 
-    def predict(self, dt: F64, gap: B) -> tuple[F64, F64]:
-        """Propagate over ``dt`` with the held current; return ``|dsoc|`` and ``R1 + R2`` (Ω)."""
+    def predict(self, dt: F64, gap: B) -> F64:
+        """Propagate over ``dt`` with the held current; return the mean SoC's change."""
         c, nz = self.c, self.noise
         i_true = self.last_i - self.off
         eff = np.where(i_true < 0.0, c.eta, 1.0)
         dt_q = dt * c.inv_q_as
         dsoc = -eff * i_true * dt_q
+        # The RC voltages are per unit of the resistance scale (the measurement multiplies them).
         scale = _interp(self.rsoc_table, c.row, self.soc) * self.tf
         r1 = c.r1_ref_ohm * scale
         r2 = c.r2_ref_ohm * scale
@@ -1057,18 +1139,30 @@ class _Bank:
         qvec[:, _V2] = g2 * g2 * i_var  # zero without a slow pair: that state stays at zero
         qvec[:, _HY] = (nz.hyst_error * (1.0 - f)) ** 2
         qvec[:, _OFF] = nz.offset_rw2_per_s * dt
+        qvec[:, _RS] = nz.r_rw2_per_s * dt
         cov = self.cov
         g = dvec[:, :, None] * cov + cvec[:, :, None] * cov[:, _OFF : _OFF + 1, :]
         cov = g * dvec[:, None, :] + g[:, :, _OFF : _OFF + 1] * cvec[:, None, :]
         cov.reshape(self.n, _N_STATES * _N_STATES)[:, :: _N_STATES + 1] += qvec
         self.cov = cov
-        d_q = nz.cell_rw2 * abs_dsoc
-        self.var_min = self.var_min + d_q
-        self.var_max = self.var_max + d_q
-        r_rc: F64 = r1 + r2
-        return abs_dsoc, r_rc
+        self._predict_cells(dt, dsoc, abs_dsoc)
+        return abs_dsoc
 
-    def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64, r_rc: F64) -> None:
+    def _predict_cells(self, dt: F64, dsoc: F64, abs_dsoc: F64) -> None:
+        """Move the extreme cells' offsets with their rates: ``d' = d + rate * dsoc``."""
+        nz = self.noise
+        cx, p = self.cx, self.ccov
+        ds = dsoc[:, None]
+        cx[:, :, _CD] += cx[:, :, _CR] * ds
+        # P' = F P F^T with F = I + dsoc e_d e_rate^T: row d, then column d.
+        p[:, :, _CD, :] += ds[:, :, None] * p[:, :, _CR, :]
+        p[:, :, :, _CD] += ds[:, :, None] * p[:, :, :, _CR]
+        a = abs_dsoc[:, None]
+        p[:, :, _CD, _CD] += nz.cell_rw2 * a
+        p[:, :, _CR, _CR] += nz.cell_rate_rw2 * a
+        p[:, :, _CX, _CX] += nz.cell_r_rw2_per_s * dt[:, None]
+
+    def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64) -> None:
         """Measurement update with the *k*-th samples (packs without one are left alone)."""
         c, nz, o = self.c, self.noise, self.o
         m = samples.mask[k]
@@ -1076,20 +1170,25 @@ class _Bank:
         i_ok = m & np.isfinite(i_k)
         t_now = np.where(m & np.isfinite(t_k), t_k, self.last_t)
         i_now = np.where(i_ok, i_k, self.last_i)
-        soc, hy, cov = self.soc, self.hy, self.cov
+        soc, hy, cov, rs = self.soc, self.hy, self.cov, self.rs
         rows, frac = _lookup(self.table, c.row, soc)
         ocv = _col(rows, frac, _OCV)
         amp = _col(rows, frac, _HYST)
         ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[:, _SOC, _SOC])
         tf_now = self.temp_factor(t_now)
-        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf_now + c.r_series_cell_ohm
+        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf_now  # per unit of the resistance scale
         i_true = i_now - self.off
         y = samples.voltage_v[k] * c.inv_series
-        innov = y - (ocv_mean + amp * hy - r0 * i_true - self.vrc1 - self.vrc2)
+        drop = r0 * i_true + self.vrc1 + self.vrc2  # ohmic and RC drop per unit scale
+        r_ser = c.r_series_cell_ohm
+        innov = y - (ocv_mean + amp * hy - rs * drop - r_ser * i_true)
         hrow = self.hrow
         hrow[:, _SOC] = slope + _col(rows, frac, _DHYST) * hy
+        hrow[:, _V1] = -rs
+        hrow[:, _V2] = -rs
         hrow[:, _HY] = amp
-        hrow[:, _OFF] = r0
+        hrow[:, _OFF] = rs * r0 + r_ser
+        hrow[:, _RS] = -drop
         # Model errors (OCV table, resistances) are biases: they decorrelate after
         # ocv_error_corr_soc of SoC travel or ocv_error_corr_s of time, whichever comes first,
         # so the samples in between count as one.
@@ -1098,7 +1197,7 @@ class _Bank:
             o.ocv_error_corr_soc / np.maximum(abs_dsoc, _TINY),
         )
         np.maximum(corr, 1.0, out=corr)
-        r_meas = c.r_voltage_white + (nz.ocv2 + nz.resistance2 * (r0 * i_true) ** 2) * corr + r_lin
+        r_meas = c.r_voltage_white + (nz.ocv2 + nz.resistance2 * (rs * drop) ** 2) * corr + r_lin
         valid = i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
         ph = np.einsum("nij,nj->ni", cov, hrow)
         s = np.einsum("ni,ni->n", hrow, ph) + r_meas
@@ -1110,15 +1209,21 @@ class _Bank:
         self.vrc2 = self.vrc2 + kal[:, _V2] * innov
         self.hy = np.clip(hy + kal[:, _HY] * innov, -1.0, 1.0)
         self.off = self.off + kal[:, _OFF] * innov
+        self.rs = np.clip(rs + kal[:, _RS] * innov, *_R_SCALE_LIMITS)
         cov = cov - kal[:, :, None] * ph[:, None, :]
         # Keep the covariance exactly symmetric (rounding would otherwise skew it over millions of steps).
         cov += cov.transpose(0, 2, 1)
         cov *= 0.5
         self.cov = cov
 
-        r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * ((r0 + r_rc) * i_true) ** 2) * corr
-        base = _CellBase(soc=self.soc, hy=self.hy, ocv=ocv, amp=amp, y=y, r_cell=r_cell, valid=valid)
-        self._correct_cells(k, samples, base)
+        # The extreme cells, from cell_v - y (the shared OCV level, hysteresis and most of the
+        # drop cancel): cell_v - y = OCV(soc + d) - OCV(soc) - m * dr + (connector + series) drop,
+        # with m the mean cell's drop (the cells' share: connectors are outside the cells).
+        m_cell = rs * (r0 * (1.0 - nz.conn_frac) * i_true + self.vrc1 + self.vrc2)
+        outside = (rs * r0 * nz.conn_frac + r_ser) * i_true
+        r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * m_cell * m_cell) * corr
+        base = (soc, ocv, slope, cov[:, _SOC, _SOC] * corr)
+        self._correct_cells(base, self.cell_v[k] - y[:, None], m_cell, outside, r_cell, valid)
         self.last_ts = np.where(m, samples.ts_ms[k], self.last_ts)
         self.last_i = i_now
         self.last_t = t_now
@@ -1143,43 +1248,40 @@ class _Bank:
         r_lin: F64 = np.maximum(spread - slope * slope * var, 0.0)
         return mean, slope, r_lin
 
-    def _correct_cells(self, k: int, samples: SocSamples, base: _CellBase) -> None:
-        """Update the weakest and strongest cell's SoC offsets from ``cell_v - mean cell voltage``.
+    def _correct_cells(
+        self, base: tuple[F64, F64, F64, F64], z: F64, m_cell: F64, outside: F64, r_cell: F64, valid: B
+    ) -> None:
+        """Update both extreme cells (``z``: ``(n, 2)`` cell voltage minus the mean cell's).
 
-        The difference cancels the shared current, RC and offset terms.
+        The hysteresis amplitude varies little between the cells of a string, so its term
+        cancels in the difference. The mean SoC's own error moves ``OCV(soc + d) - OCV(soc)``
+        by the difference of the two slopes: a slowly varying error (``base[3]`` is its
+        variance times the correlation factor), large where the cell is on a steep end of a
+        flat OCV and the mean on the plateau.
         """
-        self.d_min, self.var_min = _cell_update(self, base, samples.cell_v_min_v[k], self.d_min, self.var_min)
-        self.d_max, self.var_max = _cell_update(self, base, samples.cell_v_max_v[k], self.d_max, self.var_max)
-        np.clip(self.d_min, -_CELL_OFFSET_LIMIT, 0.0, out=self.d_min)
-        np.clip(self.d_max, 0.0, _CELL_OFFSET_LIMIT, out=self.d_max)
-
-
-@dataclass(frozen=True, slots=True)
-class _CellBase:
-    """What the cell-offset updates of one sample share with the main update."""
-
-    soc: F64
-    hy: F64
-    ocv: F64
-    amp: F64
-    y: F64
-    r_cell: F64
-    valid: B
-
-
-def _cell_update(bank: _Bank, base: _CellBase, cell_v: F64, d: F64, var: F64) -> tuple[F64, F64]:
-    """One scalar Kalman update of a cell's SoC offset ``d`` from ``cell_v - y``."""
-    rows, frac = _lookup(bank.table, bank.c.row, base.soc + d)
-    pred = _col(rows, frac, _OCV) - base.ocv + (_col(rows, frac, _HYST) - base.amp) * base.hy
-    slope = _col(rows, frac, _DOCV) + _col(rows, frac, _DHYST) * base.hy
-    z = cell_v - base.y
-    ok = base.valid & np.isfinite(z)
-    s = slope * slope * var + base.r_cell
-    gain = np.where(ok, var * slope / s, 0.0)
-    innov = np.where(ok, z - pred, 0.0)
-    d_new: F64 = d + gain * innov
-    var_new: F64 = var - gain * slope * var
-    return d_new, var_new
+        soc, ocv, slope, var_soc = base
+        cx, p = self.cx, self.ccov
+        n = self.n
+        s_cell = (soc[:, None] + cx[:, :, _CD]).reshape(-1)
+        rows, frac = _lookup(self.ocv_table, self.row2, s_cell)
+        ocv_cell = (rows[:, 0] + rows[:, 1] * frac).reshape(n, 2)
+        slope_cell = (rows[:, 1] * (GRID_POINTS - 1)).reshape(n, 2)
+        m2 = m_cell[:, None]
+        pred = ocv_cell - ocv[:, None] - m2 * cx[:, :, _CX] + outside[:, None]
+        # H = [slope_cell, 0, -m]: P H^T from two columns of P.
+        ph = p[:, :, :, _CD] * slope_cell[:, :, None] - p[:, :, :, _CX] * m2[:, :, None]
+        s = slope_cell * ph[:, :, _CD] - m2 * ph[:, :, _CX]
+        s += r_cell[:, None] + (slope_cell - slope[:, None]) ** 2 * var_soc[:, None]
+        ok = valid[:, None] & np.isfinite(z)
+        gain = np.where(ok, 1.0 / s, 0.0)
+        innov = np.where(ok, z - pred, 0.0) * gain
+        cx += ph * innov[:, :, None]
+        # P -= P H^T H P / s, formed from the outer product so it stays exactly symmetric.
+        p -= ph[:, :, :, None] * ph[:, :, None, :] * gain[:, :, None, None]
+        np.clip(cx[:, 0, _CD], -_CELL_OFFSET_LIMIT, 0.0, out=cx[:, 0, _CD])
+        np.clip(cx[:, 1, _CD], 0.0, _CELL_OFFSET_LIMIT, out=cx[:, 1, _CD])
+        np.clip(cx[:, :, _CR], *_CELL_RATE_LIMITS, out=cx[:, :, _CR])
+        np.clip(cx[:, :, _CX], *_CELL_R_LIMITS, out=cx[:, :, _CX])
 
 
 def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
@@ -1197,6 +1299,7 @@ def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
     if act.size == 0:
         return _with_counters(state, samples)
     bank = _Bank(state, act, params)
+    bank.cell_v = np.stack((samples.cell_v_min_v, samples.cell_v_max_v), axis=2)
     max_gap_s = params.options.max_gap_s
     for k in range(samples.mask.shape[0]):
         m = samples.mask[k]
@@ -1204,8 +1307,8 @@ def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
         dt = np.where(m & started, (samples.ts_ms[k] - bank.last_ts) * 1e-3, 0.0)
         gap = dt > max_gap_s
         bank.n_gap += gap
-        abs_dsoc, r_rc = bank.predict(dt, gap)
-        bank.correct(k, samples, dt, abs_dsoc, r_rc)
+        abs_dsoc = bank.predict(dt, gap)
+        bank.correct(k, samples, dt, abs_dsoc)
     return _merge(state, samples, bank)
 
 
@@ -1220,10 +1323,10 @@ def _merge(state: SocState, samples: SocSamples, bank: _Bank) -> SocState:
 
     return SocState(
         pack_ids=state.pack_ids,
-        x=put(state.x, np.column_stack([bank.soc, bank.vrc1, bank.vrc2, bank.hy, bank.off])),
+        x=put(state.x, np.column_stack([bank.soc, bank.vrc1, bank.vrc2, bank.hy, bank.off, bank.rs])),
         cov=put(state.cov, bank.cov),
-        cell_offset=put(state.cell_offset, np.column_stack([bank.d_min, bank.d_max])),
-        cell_offset_var=put(state.cell_offset_var, np.column_stack([bank.var_min, bank.var_max])),
+        cell_x=put(state.cell_x, bank.cx),
+        cell_cov=put(state.cell_cov, bank.ccov),
         last_ts_ms=put(state.last_ts_ms, bank.last_ts),
         last_current_a=put(state.last_current_a, bank.last_i),
         last_temp_c=put(state.last_temp_c, bank.last_t),
@@ -1243,8 +1346,8 @@ def _with_counters(state: SocState, samples: SocSamples) -> SocState:
         pack_ids=state.pack_ids,
         x=state.x,
         cov=state.cov,
-        cell_offset=state.cell_offset,
-        cell_offset_var=state.cell_offset_var,
+        cell_x=state.cell_x,
+        cell_cov=state.cell_cov,
         last_ts_ms=state.last_ts_ms,
         last_current_a=state.last_current_a,
         last_temp_c=state.last_temp_c,
@@ -1274,7 +1377,8 @@ class SocEstimate:
         soc_std: its standard deviation (from the filter's covariance), fraction.
         soc_min_cell: SoC of the weakest cell group, or NaN without ``cell_v_min_v`` data.
         soc_max_cell: SoC of the strongest cell group, or NaN without ``cell_v_max_v`` data.
-        soc_usable: the string's usable SoC, ``soc_min / (soc_min + 1 - soc_max)``; equal to
+        soc_usable: the string's usable SoC: the charge its weakest cell still holds over that
+            plus the room left in its strongest (module docstring); equal to
             ``soc`` without cell-voltage data.
         current_offset_a: estimated current-sensor offset (the sensor reads true + offset), A.
         flags: :class:`SocFlag` bitmask per pack.
@@ -1333,13 +1437,18 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     var = state.cov[:, _SOC, _SOC]
     soc_std = np.sqrt(np.maximum(var, 0.0))
     # The offsets' variances only grow until cell voltages arrive: at the prior's, no data yet.
-    has_cells = state.cell_offset_var < o.cell_offset0_std**2 * 0.999
-    s_min = np.where(has_cells[:, 0], np.clip(soc_raw + state.cell_offset[:, 0], 0.0, 1.0), np.nan)
-    s_max = np.where(has_cells[:, 1], np.clip(soc_raw + state.cell_offset[:, 1], 0.0, 1.0), np.nan)
-    lo = np.where(np.isnan(s_min), soc, s_min)
-    hi = np.where(np.isnan(s_max), soc, s_max)
-    denom = lo + 1.0 - hi
-    usable = np.where(denom > 0.0, lo / np.where(denom > 0.0, denom, 1.0), soc)
+    has_cells = state.cell_cov[:, :, _CD, _CD] < o.cell_offset0_std**2 * 0.999
+    cx = state.cell_x
+    s_min = np.where(has_cells[:, 0], np.clip(soc_raw + cx[:, 0, _CD], 0.0, 1.0), np.nan)
+    s_max = np.where(has_cells[:, 1], np.clip(soc_raw + cx[:, 1, _CD], 0.0, 1.0), np.nan)
+    # The string is empty when its weakest cell is, full when its strongest is: usable SoC =
+    # charge the weakest cell still holds over that plus the room left in the strongest,
+    # each cell's capacity being the mean's over (1 + its rate).
+    rate = np.where(has_cells, cx[:, :, _CR], 0.0)
+    held = np.where(np.isnan(s_min), soc, s_min) / (1.0 + rate[:, 0])
+    room = (1.0 - np.where(np.isnan(s_max), soc, s_max)) / (1.0 + rate[:, 1])
+    denom = held + room
+    usable = np.where(denom > 0.0, held / np.where(denom > 0.0, denom, 1.0), soc)
     rows, frac = _lookup(params.table, params.row, soc_raw)
     slope = _col(rows, frac, _DOCV)
     started = state.last_ts_ms != _NO_TS
