@@ -46,9 +46,10 @@ check: $(STAMP)
 	$(BIN)/ruff check twin emulators tests benchmarks
 	$(BIN)/mypy
 
-# Until `mgtwin demo` (embedded broker, live twin, terminal view) lands: emulate the site offline.
+# No services needed: embedded broker, the Nevada site emulated live at 60x, the twin, a terminal view;
+# records the run into runs/demo-TIMESTAMP. DEMO_ARGS passes options, e.g. DEMO_ARGS="--duration 10m".
 demo: $(STAMP)
-	$(BIN)/mgtwin emulate --scenario small --duration 6h --truth --out runs/demo
+	$(BIN)/mgtwin demo $(DEMO_ARGS)
 
 bench: system-deps $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -416,6 +416,284 @@ def emulate(
         console.print(f"run folder: {out}")
 
 
+dashboards_app = typer.Typer(
+    help=(
+        "Grafana dashboards: write their JSON, run every panel's query against InfluxDB, push them to a Grafana.\n\n"
+        "The datasource's credentials come from INFLUX_TOKEN (InfluxDB 2.x/3.x, sent as 'Authorization: Token') or "
+        "INFLUX_USER and INFLUX_PASSWORD (1.x); Grafana's from GRAFANA_TOKEN or GRAFANA_USER and GRAFANA_PASSWORD."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(dashboards_app, name="dashboards")
+
+
+@dashboards_app.command("write")
+def dashboards_write(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the dashboard JSON files.")] = Path("dashboards"),
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if the folder's dashboards are stale.")
+    ] = False,
+) -> None:
+    """Write the five dashboards (overview, pack, fleet, alerts, twin health) as Grafana JSON, for provisioning."""
+    from twin.dashboards import write_dashboards
+
+    names = write_dashboards(out, check=check)
+    if check:
+        if names:
+            err_console.print(f"[red]stale dashboards in {out}:[/] {', '.join(names)}")
+            err_console.print(f"regenerate with: mgtwin dashboards write --out {out}")
+            raise typer.Exit(1)
+        console.print(f"the dashboards in {out} are up to date")
+        return
+    console.print(f"wrote {len(names)} dashboards to {out}: {', '.join(names)}")
+
+
+@dashboards_app.command("check")
+def dashboards_check(
+    influx: Annotated[str, typer.Option("--influx", help="InfluxDB URL, http://HOST:PORT (1.x, or 2.x/3.x v1 API).")],
+    influx_db: Annotated[str, typer.Option("--influx-db", help="Database (1.x) or bucket (2.x/3.x).")] = "microgrid",
+    site: Annotated[
+        str | None, typer.Option(help="Value of the $site variable (default: the first site found).")
+    ] = None,
+    pack: Annotated[
+        str | None, typer.Option(help="Value of the $pack variable (default: the first pack found).")
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option("--from", help="Range start: now-6h, an ISO time or epoch ms (default: --to minus --window)."),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="Range end: now, now-1h, an ISO time or epoch ms (default: the site's newest point)."
+        ),
+    ] = None,
+    window: Annotated[str, typer.Option(help="Range length when --from is not given.")] = "1h",
+    source: Annotated[
+        Path | None, typer.Option("--dir", help="Check the dashboards in this folder instead of the built-in ones.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Also fail on panels waiting for fields the twin does not write yet.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+) -> None:
+    """Run every panel's query against InfluxDB, as Grafana would, and report those that fail or return nothing.
+
+    Grafana's macros ($timeFilter, $__interval, $__interval_ms, $__from, $__to) and the template
+    variables ($site, $pack) are substituted first; a variable without a value given is resolved
+    by running its own query, as Grafana does. Each query ends up as:
+
+    ok: it returned data.
+    no data: the fields it reads are in InfluxDB, yet nothing came back in the range (a problem).
+    waiting: it reads a field this database has never held (the twin does not write it yet).
+    error: InfluxDB refused the query.
+
+    Exit status 1 when a query errs or returns no data (with --strict, also when one is waiting).
+    """
+    import os
+    import time as time_module
+
+    from twin.dashboards import InfluxCredentials, check_dashboards, load_dashboards, parse_time
+
+    now_ms = time_module.time_ns() // 1_000_000
+    variables = {k: v for k, v in (("site", site), ("pack", pack)) if v}
+    report = check_dashboards(
+        influx,
+        influx_db,
+        credentials=InfluxCredentials.from_env(os.environ),
+        dashboards=load_dashboards(source),
+        from_ms=parse_time(start, now_ms=now_ms) if start else None,
+        to_ms=parse_time(end, now_ms=now_ms) if end else None,
+        window_s=parse_duration(window),
+        variables=variables,
+    )
+    failed = report.failed or (strict and bool(report.by_status("waiting")))
+    if as_json:
+        doc = {
+            "from_ms": report.from_ms,
+            "to_ms": report.to_ms,
+            "variables": report.variables,
+            "failed": failed,
+            "checks": [
+                {
+                    "dashboard": c.query.dashboard,
+                    "panel_id": c.query.panel_id,
+                    "title": c.query.title,
+                    "ref_id": c.query.ref_id,
+                    "status": c.status,
+                    "series": c.series,
+                    "values": c.values,
+                    "missing": [f"{m}.{f}" for m, f in c.missing],
+                    "message": c.message,
+                }
+                for c in report.checks
+            ],
+        }
+        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+    else:
+        from datetime import UTC, datetime
+
+        def iso(ms: int) -> str:
+            return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+        styles = {"ok": "green", "no data": "red", "waiting": "yellow", "error": "bold red"}
+        table = Table("dashboard", "panel", "status", "values", "detail", title=f"{influx} / {influx_db}")
+        for c in report.checks:
+            label = c.query.title + (f" [{c.query.ref_id}]" if c.query.ref_id not in ("", "A") else "")
+            table.add_row(
+                c.query.dashboard,
+                label,
+                f"[{styles[c.status]}]{c.status}[/]",
+                str(c.values),
+                c.message,
+                end_section=False,
+            )
+        console.print(table)
+        variables_text = ", ".join(f"${k}={v}" for k, v in sorted(report.variables.items())) or "none"
+        console.print(
+            f"range {iso(report.from_ms)} to {iso(report.to_ms)}; variables {variables_text}", highlight=False
+        )
+        counts = {s: len(report.by_status(s)) for s in ("ok", "waiting", "no data", "error")}
+        console.print(
+            f"{counts['ok']} ok, {counts['waiting']} waiting for fields not written yet, "
+            f"{counts['no data']} with no data, {counts['error']} failed",
+            highlight=False,
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    grafana: Annotated[str, typer.Option("--grafana", help="Grafana's URL, http://HOST:PORT (no credentials in it).")],
+    influx_url: Annotated[
+        str | None,
+        typer.Option(
+            "--influx-url", help="InfluxDB's URL as Grafana reaches it (default: $INFLUX_URL or http://127.0.0.1:8086)."
+        ),
+    ] = None,
+    influx_db: Annotated[str, typer.Option("--influx-db", help="Database (1.x) or bucket (2.x/3.x).")] = "microgrid",
+    source: Annotated[
+        Path | None, typer.Option("--dir", help="Push the dashboards in this folder instead of the built-in ones.")
+    ] = None,
+) -> None:
+    """Upload the InfluxDB datasource and the dashboards to a Grafana that is not provisioned from files.
+
+    Creates or updates the datasource (uid mgtwin-influxdb, InfluxQL), the folder "Microgrid twin"
+    and every dashboard, through Grafana's HTTP API (grafana-client). Grafana's credentials come
+    from GRAFANA_TOKEN (a service-account token) or GRAFANA_USER and GRAFANA_PASSWORD; the
+    datasource's from INFLUX_TOKEN, or INFLUX_USER and INFLUX_PASSWORD. Nothing secret is
+    taken from the command line.
+    """
+    import os
+
+    from twin.dashboards import InfluxCredentials, grafana_credential_from_env, load_dashboards, push_dashboards
+
+    result = push_dashboards(
+        grafana,
+        influx_url=influx_url or os.environ.get("INFLUX_URL") or "http://127.0.0.1:8086",
+        database=influx_db,
+        influx_credentials=InfluxCredentials.from_env(os.environ),
+        grafana_credential=grafana_credential_from_env(os.environ),
+        dashboards=load_dashboards(source),
+    )
+    console.print(
+        f"pushed datasource {result.datasource} and {len(result.dashboards)} dashboards "
+        f"({', '.join(result.dashboards)}) to {result.grafana}, folder {result.folder}",
+        highlight=False,
+    )
+
+
+@app.command()
+def demo(
+    duration: Annotated[str, typer.Option("--duration", "-d", help="Wall-clock time to run: 90s, 3m, 1h.")] = "3m",
+    speed: Annotated[float, typer.Option(help="Simulated seconds per wall-clock second.", min=0.1)] = 60.0,
+    packs: Annotated[
+        int,
+        typer.Option(
+            help=(
+                "Scale the site down to N packs, keeping its mix. The default fits the embedded broker at 60x "
+                "on 2 cores (about 1.6k msg/s; the 805-pack site at 60x would be about 53k msg/s); "
+                "halve the speed to double the packs."
+            ),
+            min=1,
+        ),
+    ] = 24,
+    scenario: Annotated[str, typer.Option("--scenario", "-s", help="Packaged scenario name or TOML path.")] = "nevada",
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option("--mqtt", help="Use this broker (mqtt://HOST:PORT, MQTT 3.1.1) instead of the embedded one."),
+    ] = None,
+    influx: Annotated[
+        str | None,
+        typer.Option(
+            "--influx", help="Also write InfluxDB here (http://HOST:PORT; credentials from MGTWIN_INFLUX__*)."
+        ),
+    ] = None,
+    influx_db: Annotated[
+        str, typer.Option("--influx-db", help="Database (1.x, created if missing) or bucket (2.x).")
+    ] = "microgrid",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run folder to record into (default: runs/demo-TIMESTAMP).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    pack_level: Annotated[
+        bool, typer.Option("--pack-level", help="Two cell groups per string instead of every cell (lighter physics).")
+    ] = False,
+) -> None:
+    """Run the whole twin on your machine with no services: broker, emulated Nevada site, twin, live view.
+
+    Starts an MQTT broker (amqtt) on a free loopback port unless --mqtt is given, runs the Nevada
+    site's emulator live on it at --speed times real time, runs the twin on it (exactly the
+    service `mgtwin serve` runs), and shows what the twin publishes: site power, SoC and energy to
+    the floor with their bands, runtime and ride-through, the five weakest packs, active alerts and
+    the ingest rate. With --influx the twin also writes InfluxDB (look at it with the Grafana
+    dashboards). The emulator's output, with its truth, is recorded into a run folder, so that
+    `mgtwin replay RUN && mgtwin evaluate RUN` can score the twin afterwards.
+
+    Ends after --duration (or when the emulation ends, or on Ctrl-C) with a summary and the path
+    of the run folder. Timestamps are simulated time from the scenario's start (2025-07-01 for
+    Nevada), so look there in Grafana.
+    """
+    from rich.live import Live
+
+    from twin.demo import Demo, DemoOptions, DemoSnapshot, progress_line, render_view
+
+    options = DemoOptions(
+        scenario=scenario,
+        packs=packs,
+        speed=speed,
+        duration_s=parse_duration(duration),
+        out=out,
+        mqtt_url=mqtt_url,
+        influx_url=influx,
+        influx_db=influx_db,
+        seed=seed,
+        pack_level=pack_level,
+    )
+    run = Demo(options)
+    console.print(
+        f"demo: site {run.site} with {run.emulation.fleet.n_packs} packs at {speed:g}x for {duration}; "
+        f"recording into {run.run_dir} (Ctrl-C ends it early)",
+        highlight=False,
+        markup=False,
+    )
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            summary = run.run(lambda snap: live.update(render_view(snap)))
+    else:
+        printed = [-1e9]
+
+        def tick(snap: DemoSnapshot) -> None:
+            if snap.wall_s - printed[0] >= 10.0:
+                printed[0] = snap.wall_s
+                console.print(progress_line(snap), highlight=False, markup=False, soft_wrap=True)
+
+        summary = run.run(tick)
+    for line in summary.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def main() -> None:
     """Run the CLI, turning the twin's own errors into one clear line and exit status 2."""
     try:
