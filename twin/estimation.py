@@ -52,11 +52,22 @@ class EstimationOptions:
     soc: SocOptions = field(default_factory=SocOptions)
     outlook: OutlookOptions = field(default_factory=OutlookOptions)
     capacity: CapacityOptions = field(default_factory=CapacityOptions)
+    #: Relative standard deviation of the capacity prior: a new pack's rated capacity holds to
+    #: a few per cent; a second-life pack's intake test was exact but it has aged since.
+    capacity_prior_rel_std_new: float = 0.04
+    capacity_prior_rel_std_second_life: float = 0.10
     #: SoC prior of a pack that has just appeared, and its standard deviation.
     soc0: float = 0.5
     soc0_std: float = 0.3
     #: Event-time grid of the capacity checkpoints, s (fixed, so batches do not matter).
     checkpoint_every_s: float = 60.0
+    #: The duty assumed for the fade since commissioning that the capacity prior allows for
+    #: (until the pack's own history is known): mean temperature, SoC, depth of discharge and
+    #: equivalent full cycles a day.
+    prior_duty_temp_c: float = 25.0
+    prior_duty_soc: float = 0.5
+    prior_duty_dod: float = 0.5
+    prior_duty_efc_per_day: float = 0.5
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -135,19 +146,24 @@ class SiteEstimation:
 
     def _rebuild(self, meta: pl.DataFrame) -> None:
         o = self.options
-        info = PackInfo.from_meta(meta, soc0=o.soc0, soc0_std=o.soc0_std)
+        aged = expected_soh(meta, o)
+        info = PackInfo.from_meta(meta, soc0=o.soc0, soc0_std=o.soc0_std, soh_prior=aged)
         soc = SocEstimator(info, options=o.soc)
         if self.soc is not None:
             soc.restore(_carry_over(self.soc.snapshot(), soc.snapshot()))
         self.soc = soc
-        self.energy = EnergyPacks.from_meta(meta, capacity_rel_std=o.soc.capacity_error)
+        rated = meta.get_column("rated_capacity_ah").to_numpy()
+        capacity = {p: rated[i] * aged[p] for i, p in enumerate(meta.get_column("pack").to_list())}  # per new meta
+        self.energy = EnergyPacks.from_meta(meta, capacity_ah=capacity, capacity_rel_std=o.soc.capacity_error)
         prior = np.asarray(self.energy.capacity_ah, dtype=np.float64)
         n_old = self._ah.size
         keep = np.arange(n_old, dtype=np.intp)  # known packs keep their rows (see add_meta)
+        new = (meta.get_column("life") == "new").fill_null(value=False).to_numpy()
+        rel = np.where(new, o.capacity_prior_rel_std_new, o.capacity_prior_rel_std_second_life)
         if self.capacity is None:
-            self.capacity = CapacityTracker(prior, o.capacity)
+            self.capacity = CapacityTracker(prior, o.capacity, rel)
         else:
-            self.capacity = self.capacity.grown(prior, keep, keep)
+            self.capacity = self.capacity.grown(prior, keep, keep, rel)
         grow = prior.size - n_old
         self._ah = np.concatenate([self._ah, np.zeros(grow)])
         self._last_ts = np.concatenate([self._last_ts, np.full(grow, -1, dtype=np.int64)])
@@ -301,13 +317,61 @@ class SiteEstimation:
 _META_SCHEMA: Final = {
     "pack": pl.String,
     "chemistry": pl.String,
+    "life": pl.String,
     "rated_capacity_ah": pl.Float64,
     "series_cells": pl.Int64,
     "intake_soh": pl.Float64,
     "voltage_min_v": pl.Float64,
     "current_max_discharge_a": pl.Float64,
+    "ts_ms": pl.Int64,
+    "commissioned_ms": pl.Int64,
 }
 _FLAGS: Final = tuple(f for f in SocFlag if f.value)
+
+
+def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> dict[str, float]:
+    """Each pack's SoH prior: its intake SoH (1 for a new pack) less the fade expected since commissioning.
+
+    A second-life pack's intake test was exact the day it was made, but the pack has aged on
+    site since (``commissioned_ms`` to the metadata's ``ts_ms``); the chemistry's own aging law
+    (:mod:`twin.chemistry.aging`, BLAST-Lite) under an assumed duty
+    (:attr:`EstimationOptions.prior_duty_temp_c` and siblings) estimates by how much. The
+    capacity estimator then corrects it from the pack's own data.
+
+    Returns:
+        SoH prior by pack id.
+    """
+    from twin.chemistry import get_chemistry
+    from twin.chemistry.aging import Stressors, get_aging_law
+
+    ids = meta.get_column("pack").to_list()
+    intake = meta.get_column("intake_soh").fill_null(1.0).to_numpy()
+    days = (
+        ((meta.get_column("ts_ms") - meta.get_column("commissioned_ms")) / 86_400_000.0)
+        .fill_null(0.0)
+        .clip(lower_bound=0.0)
+        .to_numpy()
+    )
+    q = np.ones(len(ids))
+    chem = meta.get_column("chemistry").to_numpy()
+    for name in np.unique(chem):  # one law per chemistry (a handful), vectorised over its packs
+        rows = np.flatnonzero((chem == name) & (days > 0))
+        if rows.size == 0:
+            continue
+        law = get_aging_law(get_chemistry(str(name)).aging_model)
+        stress = Stressors.from_means(
+            dt_days=days[rows],
+            temp_k=options.prior_duty_temp_c + 273.15,
+            soc_mean=options.prior_duty_soc,
+            dod=options.prior_duty_dod,
+            c_rate_mean=options.prior_duty_efc_per_day * 2.0 / 24.0,
+            c_rate_charge_mean=0.25,
+            c_rate_discharge_mean=0.25,
+            efc=options.prior_duty_efc_per_day * days[rows],
+        )
+        q[rows] = np.asarray(law.step(law.initial_state(rows.size), stress).q, dtype=np.float64)
+    soh = np.clip(intake * q, 0.05, 1.2)
+    return {p: float(v) for p, v in zip(ids, soh, strict=True)}
 
 
 def _carry_over(old: SocState, fresh: SocState) -> SocState:

@@ -110,16 +110,26 @@ class CapacityTracker:
     Args:
         prior_ah: capacity prior per pack, Ah.
         options: tuning.
+        prior_rel_std: relative standard deviation of each pack's prior (default:
+            ``options.prior_rel_std`` for all).
     """
 
-    def __init__(self, prior_ah: F64, options: CapacityOptions = CapacityOptions()) -> None:
+    def __init__(
+        self, prior_ah: F64, options: CapacityOptions = CapacityOptions(), prior_rel_std: F64 | None = None
+    ) -> None:
         prior = np.asarray(prior_ah, dtype=np.float64)
         if prior.ndim != 1 or not np.all(np.isfinite(prior) & (prior > 0)):
             msg = "capacity priors must be a 1-D array of positive numbers"
             raise EstimatorError(msg)
         self.options = options
         self.prior_ah = prior.copy()
-        var0 = (options.prior_rel_std * prior) ** 2
+        rel = np.broadcast_to(
+            np.asarray(options.prior_rel_std if prior_rel_std is None else prior_rel_std, dtype=np.float64), prior.shape
+        )
+        if not np.all(np.isfinite(rel) & (rel > 0)):
+            msg = "capacity prior standard deviations must be positive"
+            raise EstimatorError(msg)
+        var0 = (rel * prior) ** 2
         n = prior.size
         self._state = CapacityState(
             capacity_ah=prior.copy(),
@@ -212,9 +222,11 @@ class CapacityTracker:
             pairs=s.pairs.copy(),
         )
 
-    def grown(self, prior_ah: F64, keep: NDArray[np.intp], into: NDArray[np.intp]) -> CapacityTracker:
+    def grown(
+        self, prior_ah: F64, keep: NDArray[np.intp], into: NDArray[np.intp], prior_rel_std: F64 | None = None
+    ) -> CapacityTracker:
         """Return a tracker for a larger pack set: packs ``keep`` of this one go to rows ``into``."""
-        out = CapacityTracker(prior_ah, self.options)
+        out = CapacityTracker(prior_ah, self.options, prior_rel_std)
         old, new = self._state, out._state
         arrays = {}
         for name in (

@@ -48,15 +48,18 @@ How :func:`site_outlook` finds the bands, cheaply and deterministically (no samp
 available pack's energy ``E_i`` at its SoC estimate is the median; its sensitivities are
 ``g_i = dE_i/dsoc`` (exact, from the OCV and the resistance at its SoC) and
 ``dE_i/dQ = E_i / Q``. The SoC error has an independent part ``soc_std_i`` per pack and a
-part ``c = common_soc_std`` shared by every pack (model bias); the capacity has an
-independent relative error ``r_i = capacity_rel_std``. Then::
+part ``c = common_soc_std`` shared by every pack (model bias); the capacity has a relative
+error ``r_i = capacity_rel_std`` of which a share ``rho = capacity_error_correlation`` is
+common to all packs (a stale capacity prior errs the same way for every pack: they all aged
+since their intake test), so with ``a_i = E_i r_i``::
 
-    var_site = sum_i (g_i soc_std_i)² + (sum_i g_i c)² + sum_i (E_i r_i)²
+    var_site = sum_i (g_i soc_std_i)² + (sum_i g_i c)² + (1 - rho²) sum_i a_i² + (rho sum_i a_i)²
     E_P5, E_P95 = E -+ z sqrt(var_site)                           (clipped at 0)
 
 Three scenarios of the packs' SoC (P5, P50, P95) carry these quantiles into the forward
 simulation: pack ``i`` is shifted by ``-+ z sigma_site v_i / var_site / g_i`` with
-``v_i = (g_i soc_std_i)² + (E_i r_i)² + g_i c sum_j g_j c`` its share of the variance (the
+``v_i = (g_i soc_std_i)² + (1 - rho²) a_i² + g_i c sum_j g_j c + rho a_i sum_j rho a_j`` its
+share of the variance (the
 conditional mean of its error given the site's), so each scenario's site energy moves by
 ``z sigma_site`` to first order; SoC is clipped to [0, 1]. Runtime and ride-through are one
 :func:`time_to_floor_s` call each with those three scenarios side by side.
@@ -486,6 +489,7 @@ class OutlookOptions:
         floor_soc: reserve floor on each pack's usable SoC, fraction.
         quantile_z: the normal quantile of the bands (1.645: P5 and P95).
         common_soc_std: SoC error shared by all packs (model bias), fraction.
+        capacity_error_correlation: share of each pack's capacity error common to all packs.
         horizon_s: give up (report ``inf``) beyond this, s.
         target_steps: forward-simulation steps aimed at to reach the floor.
         min_dt_s: the smallest simulation step, s.
@@ -496,6 +500,7 @@ class OutlookOptions:
     floor_soc: float = 0.10
     quantile_z: float = 1.6448536269514722
     common_soc_std: float = 0.01
+    capacity_error_correlation: float = 0.5
     horizon_s: float = 7 * 86400.0
     target_steps: int = 120
     min_dt_s: float = 10.0
@@ -873,8 +878,10 @@ def site_outlook(
     g = np.where(use, np.clip(q * (packs.series * ocv[0] - np.abs(current) * r_pack), 0.0, None), 0.0)
     e0 = np.where(use, e, 0.0)
     g_sum = float(g.sum())
-    var_indep = (g * std) ** 2 + (e0 * packs.capacity_rel_std) ** 2
-    share = var_indep + g * common * common * g_sum
+    rho = options.capacity_error_correlation
+    a = e0 * packs.capacity_rel_std
+    var_indep = (g * std) ** 2 + (1.0 - rho * rho) * a * a
+    share = var_indep + g * common * common * g_sum + rho * a * rho * float(a.sum())
     var = float(share.sum())
     sigma = math.sqrt(var)
     total = float(e0.sum())
