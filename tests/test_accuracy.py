@@ -5,13 +5,15 @@ errors on) and ``cold_lfp`` (winter, weakly heated containers, mostly second-lif
 is emulated with its truth, replayed with ``mgtwin replay`` and scored with ``mgtwin
 evaluate --json``; the figures are printed whatever the outcome.
 
-Asserted are the targets the twin meets today: NMC SoC within 1.5 % (and 3 times better
-than the BMS on nevada), site energy, runtime and ride-through within 5 % on nevada. The
-rest are printed and reported in the issue, never hidden behind an expected failure: the
-LFP SoC on the plateau (coulomb-counted with a capacity prior that a stale intake test
-makes 10-15 % high until enough swing lets the capacity estimator learn it), the 3x margin
-over cold_lfp's BMS, and the P5-P95 coverage, which is too wide (the truth falls inside
-every time, the target is 80-98 %).
+Asserted are the targets the twin meets today: on nevada (60 packs, 4 h) every chemistry's
+SoC RMSE target, three times better than the BMS over all packs, and site energy, runtime
+and ride-through within 5 %; on cold_lfp (24 h) the LFP and NMC SoC targets and the energy
+within 5 %; the P5-P95 band holds the truth at least 80 % of the time on both. The rest are
+printed and reported in the issue, never hidden behind an expected failure: on cold_lfp the
+twin is better than the BMS but not three times (the BMS counters start a day at the truth
+and the LFP plateau gives the filter nothing until the charge reaches the steep top), its
+ride-through MAPE is just above 5 %, and the bands are too wide for the issue's 98 % upper
+bound (the truth falls inside every time).
 """
 
 from __future__ import annotations
@@ -49,25 +51,29 @@ def nevada(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cold_lfp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _score(tmp_path_factory.mktemp("acc") / "cold", "cold_lfp", "4h", "--pack-level")
+    """A winter day: the LFP packs sit on their plateau until the day's charge reaches the steep top."""
+    return _score(tmp_path_factory.mktemp("acc") / "cold", "cold_lfp", "24h", "--pack-level")
 
 
-NMC_TARGET = 0.015
+TARGETS = {"nmc811": 0.015, "nmc532": 0.015, "lmo": 0.015, "lfp": 0.03}
 BETTER_THAN_BMS = 3.0
 
 
 @pytest.mark.slow
-def test_nevada_nmc_soc_meets_the_target_and_beats_the_bms(nevada: dict[str, Any]) -> None:
+def test_nevada_soc_meets_every_chemistry_target_and_beats_the_bms_threefold(nevada: dict[str, Any]) -> None:
     by_chem = nevada["soc_rmse_by_chemistry"]
-    bms = nevada["soc_rmse_bms_by_chemistry"]
-    for chem in ("nmc811", "nmc532"):
-        assert by_chem[chem] <= NMC_TARGET, chem
-        assert by_chem[chem] * BETTER_THAN_BMS <= bms[chem], chem
+    assert set(by_chem) == set(TARGETS)
+    for chem, target in TARGETS.items():
+        assert by_chem[chem] <= target, chem
+    assert nevada["soc_rmse"] * BETTER_THAN_BMS <= nevada["soc_rmse_bms"]
 
 
 @pytest.mark.slow
-def test_cold_lfp_site_nmc_soc_meets_the_target(cold_lfp: dict[str, Any]) -> None:
-    assert cold_lfp["soc_rmse_by_chemistry"]["nmc532"] <= NMC_TARGET
+def test_cold_lfp_soc_meets_the_targets(cold_lfp: dict[str, Any]) -> None:
+    by_chem = cold_lfp["soc_rmse_by_chemistry"]
+    assert by_chem["lfp"] <= TARGETS["lfp"]
+    assert by_chem["nmc532"] <= TARGETS["nmc532"]
+    assert cold_lfp["soc_rmse"] < cold_lfp["soc_rmse_bms"]
 
 
 @pytest.mark.slow
@@ -78,11 +84,17 @@ def test_nevada_energy_runtime_and_ridethrough_are_within_five_percent(nevada: d
 
 
 @pytest.mark.slow
+def test_cold_lfp_energy_is_within_five_percent(cold_lfp: dict[str, Any]) -> None:
+    assert cold_lfp["energy_mape"] <= 0.05
+
+
+@pytest.mark.slow
 def test_every_documented_figure_is_computed(nevada: dict[str, Any], cold_lfp: dict[str, Any]) -> None:
     for scores in (nevada, cold_lfp):
         for key in ("soc_rmse", "soc_rmse_bms", "energy_mape", "ridethrough_mape", "ridethrough_band_coverage"):
             assert scores[key] is not None, key
         assert scores["energy_points"] >= 15
-        # The band is wide enough to hold the truth more often than not, and the P50 is not far off.
+        # The P5-P95 band holds the truth at least 80 % of the time (the 98 % upper bound of the
+        # issue is not met yet: the band is too wide, see the module docstring).
         assert scores["energy_band_coverage"] >= 0.8
-        assert scores["energy_mape"] <= 0.15
+        assert scores["ridethrough_band_coverage"] >= 0.8
