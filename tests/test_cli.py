@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -42,3 +43,26 @@ def test_twin_errors_are_one_line_and_exit_2() -> None:
     assert proc.returncode == 2
     assert "did you mean MGTWIN_MQTT__URL" in proc.stderr.replace("\n", " ")
     assert "Traceback" not in proc.stderr
+
+
+def test_emulate_start_now_and_iso(tmp_path: Path) -> None:
+    import time
+
+    import polars as pl
+
+    from twin.cli import parse_start
+
+    out = tmp_path / "now"
+    result = CliRunner().invoke(
+        app, ["emulate", "--scenario", "small", "--duration", "30s", "--start", "now", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    first_s = int(pl.read_parquet(out / "telemetry.parquet")["ts_ms"].min()) / 1000  # type: ignore[arg-type]
+    assert abs(first_s - time.time()) < 120
+    assert parse_start("2026-01-15T06:00:00+01:00").isoformat() == "2026-01-15T05:00:00+00:00"
+    bad = CliRunner().invoke(
+        app,
+        ["emulate", "--scenario", "small", "--duration", "30s", "--start", "2026-01-01", "--out", str(tmp_path / "x")],
+    )
+    assert bad.exit_code != 0
+    assert "time zone" in bad.output

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -201,6 +202,29 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def parse_start(text: str) -> datetime:
+    """Parse ``now`` or an ISO 8601 time with a zone into an aware UTC datetime (whole seconds).
+
+    Raises:
+        typer.BadParameter: not a time, or no time zone.
+
+    Examples:
+        >>> parse_start("2026-01-15T06:00:00Z").isoformat()
+        '2026-01-15T06:00:00+00:00'
+    """
+    if text.strip().lower() == "now":
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        msg = f"{text!r} is not a time; use 'now' or ISO 8601 such as 2026-01-15T06:00:00Z"
+        raise typer.BadParameter(msg) from exc
+    if value.tzinfo is None:
+        msg = f"{text!r} has no time zone; add Z for UTC, e.g. {text}Z"
+        raise typer.BadParameter(msg)
+    return value.astimezone(UTC).replace(microsecond=0)
+
+
 @app.command()
 def replay(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (from `mgtwin emulate --out` or `mgtwin record`).")],
@@ -322,6 +346,13 @@ def emulate(
         int | None, typer.Option(help="Scale the scenario down to N packs, keeping the mix.", min=1)
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="Start time of the simulated site: 'now' (live runs for a dashboard) or ISO 8601, "
+            "e.g. 2026-01-15T06:00:00Z (default: the scenario's)."
+        ),
+    ] = None,
     dt: Annotated[
         float, typer.Option(help="Physics time step in seconds (telemetry cadence stays the scenario's).")
     ] = 1.0,
@@ -369,6 +400,8 @@ def emulate(
         sc = sc.scaled(packs)
     if seed is not None:
         sc = sc.model_copy(update={"seed": seed})
+    if start is not None:
+        sc = sc.model_copy(update={"start": parse_start(start)})
     options = EmulationOptions(
         duration_s=parse_duration(duration),
         dt_s=dt,
