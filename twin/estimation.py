@@ -23,11 +23,11 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
-from twin.estimators.capacity import CapacityOptions, CapacityTracker
+from twin.estimators.capacity import CapacityOptions, CapacityState, CapacityTracker
 from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook
 from twin.estimators.soc import PackInfo, SocEstimator, SocFlag, SocOptions, SocState
 
-__all__ = ["EstimationOptions", "PackEstimates", "SiteEstimation"]
+__all__ = ["EstimationOptions", "EstimationSnapshot", "PackEstimates", "SiteEstimation", "expected_soh"]
 
 F64 = NDArray[np.float64]
 B = NDArray[np.bool_]
@@ -84,6 +84,20 @@ class PackEstimates:
     capacity_std_ah: F64
     rated_ah: F64
     quality: list[list[str]]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EstimationSnapshot:
+    """Everything :class:`SiteEstimation` holds (see :meth:`SiteEstimation.snapshot`)."""
+
+    meta: pl.DataFrame
+    soc: SocState | None
+    capacity: CapacityState | None
+    ah: F64
+    last_ts: NDArray[np.int64]
+    last_i: F64
+    next_checkpoint_ms: int | None
+    counters: dict[str, int]
 
 
 class SiteEstimation:
@@ -253,6 +267,36 @@ class SiteEstimation:
         self.counters["capacity_checkpoints"] += 1
 
     # ------------------------------------------------------------------ outputs
+
+    def snapshot(self) -> EstimationSnapshot:
+        """Return the whole estimation state (immutable: arrays are copied), to resume exactly here."""
+        return EstimationSnapshot(
+            meta=self.meta.clone(),
+            soc=self.soc.snapshot() if self.soc is not None else None,
+            capacity=self.capacity.snapshot() if self.capacity is not None else None,
+            ah=self._ah.copy(),
+            last_ts=self._last_ts.copy(),
+            last_i=self._last_i.copy(),
+            next_checkpoint_ms=self._next_checkpoint_ms,
+            counters=dict(self.counters),
+        )
+
+    def restore(self, snap: EstimationSnapshot) -> None:
+        """Resume from :meth:`snapshot` (of an estimation with the same options)."""
+        self.meta = pl.DataFrame(schema=_META_SCHEMA)
+        self.soc = self.energy = self.capacity = None
+        self._ah, self._last_ts, self._last_i = np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0)
+        if snap.meta.height:
+            self._rebuild(snap.meta)
+            assert self.soc is not None
+            assert self.capacity is not None
+            if snap.soc is not None:
+                self.soc.restore(snap.soc)
+            if snap.capacity is not None:
+                self.capacity.restore(snap.capacity)
+        self._ah, self._last_ts, self._last_i = snap.ah.copy(), snap.last_ts.copy(), snap.last_i.copy()
+        self._next_checkpoint_ms = snap.next_checkpoint_ms
+        self.counters = dict(snap.counters)
 
     def packs(self, *, now_ms: int) -> PackEstimates | None:
         """Every estimated pack's SoC, or None before the first metadata."""
