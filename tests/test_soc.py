@@ -238,6 +238,8 @@ def test_registry_holds_every_estimator() -> None:
         "soc",
         "capacity",
         "energy",
+        "health",
+        "resistance",
         "annotations",
     }
 
