@@ -119,11 +119,23 @@ class Mosquitto(_Server):
         max_queued_messages: per-client queue bound; large by default so tests measure the twin.
         max_inflight_messages: QoS 1/2 messages in flight to one MQTT 3.1.1 client; an MQTT 5
             client's Receive Maximum replaces it for that client (mosquitto 2.0).
+        sys_interval: seconds between ``$SYS`` updates (None: the broker's default, 10 s).
+        autosave_on_changes: save the persistence file after ``autosave_interval`` changes
+            instead of seconds (here: after every change).
+        log_types: what the broker logs (``all`` includes ACL denials, logged at debug level).
+        extra_ports: further listener ports (given in ``extra_conf``) to wait for at start.
+
+    ``start()`` may be called again after ``stop()``: the same port, configuration and
+    persistence folder (a broker restart).
     """
 
     extra_conf: str = ""
     max_queued_messages: int = 1_000_000
     max_inflight_messages: int = 1000
+    sys_interval: int | None = None
+    autosave_on_changes: bool = False
+    log_types: tuple[str, ...] = ("error", "warning", "notice")
+    extra_ports: tuple[int, ...] = ()
 
     @property
     def url(self) -> str:
@@ -146,15 +158,16 @@ class Mosquitto(_Server):
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
+            f"{'autosave_on_changes true' + chr(10) if self.autosave_on_changes else ''}"
             f"max_queued_messages {self.max_queued_messages}\n"
             f"max_inflight_messages {self.max_inflight_messages}\n"
-            "log_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-            f"{self.extra_conf}\n"
+            f"{f'sys_interval {self.sys_interval}' + chr(10) if self.sys_interval is not None else ''}"
+            "log_dest stderr\n" + "".join(f"log_type {t}\n" for t in self.log_types) + f"{self.extra_conf}\n"
         )
         self._spawn([binary, "-c", str(conf)])
         assert self.proc is not None
-        _wait_port(self.port, self.proc, self.log_path, timeout_s)
+        for port in (self.port, *self.extra_ports):
+            _wait_port(port, self.proc, self.log_path, timeout_s)
         return self
 
 

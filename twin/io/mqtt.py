@@ -14,21 +14,43 @@ Delivery (at least once, end to end):
   more unacknowledged messages than the queue holds.
 * Reconnects: paho's capped exponential backoff, from a randomised first delay so that
   many instances do not reconnect in lockstep; subscriptions are renewed on every connect.
+  Messages are acknowledged only on the connection that delivered them: after a reconnect
+  the broker redelivers what was not acknowledged (with its original packet id when the
+  session resumed; a packet id of a lost session may name a different message now).
+* One copy per client id: :class:`SessionLock` (a lock file per client id and broker) makes
+  a second copy on the same host refuse to start. A copy elsewhere that takes the session
+  over closes our connection: Mosquitto 2.0.11 just closes it (newer brokers send an MQTT 5
+  DISCONNECT "session taken over", counted as ``session_taken_over``), paho reconnects
+  within a second and takes the session back, and the two copies kick each other forever.
+  So a connection lost three times within twice ``takeover_backoff_s`` counts as
+  ``flapping``, is logged, and the next reconnect waits ``takeover_backoff_s``: with the
+  default 60 s a copy reconnects at most about three times a minute. A single loss (a
+  broker restart, a half-open link) reconnects with the usual backoff.
+* Broker drops: the broker's ``$SYS/broker/publish/messages/dropped`` (messages it threw
+  away because a client's queue was full, INGEST_NOTES finding 3) is followed and exported.
+* A payload larger than the contract's limit is kept only up to that limit plus one byte,
+  so the pipeline refuses it as ``oversize`` and the queue's memory stays bounded.
 
 Errors are translated into :class:`twin.errors.BrokerError`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import random
+import re
 import ssl
+import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from pathlib import Path
+from typing import IO, Any, Final
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -40,12 +62,16 @@ from twin import contract as c
 from twin.config import MqttSettings
 from twin.errors import BrokerError
 
-__all__ = ["Inbound", "MqttLink", "ingest_subscriptions"]
+__all__ = ["BROKER_DROPPED_TOPIC", "Inbound", "MqttLink", "SessionLock", "ingest_subscriptions"]
 
 log = logging.getLogger(__name__)
 
 _QUEUE_PUT_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 15.0
+_SESSION_TAKEN_OVER: Final = 0x8E  # MQTT 5 DISCONNECT reason code
+_FLAPS: Final = 3  # connection losses within 2 x takeover_backoff_s that count as flapping
+#: The broker's count of messages it dropped because a client's queue was full (Mosquitto).
+BROKER_DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +83,7 @@ class Inbound:
     mid: int
     qos: int
     received_s: float
+    generation: int = 0  # which connection delivered it (MqttLink.counters["connects"] then)
 
 
 def ingest_subscriptions(site: str) -> list[str]:
@@ -69,6 +96,91 @@ def ingest_subscriptions(site: str) -> list[str]:
         c.TopicKind.SITE_TELEMETRY,
     )
     return [c.subscription(kind, site) for kind in kinds]
+
+
+def _tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """A client TLS context: the broker's certificate verified (chain and host name), TLS 1.2 at least.
+
+    Raises:
+        BrokerError: a CA, certificate or key file cannot be read.
+    """
+    try:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None)
+        if settings.tls_cert_file:
+            context.load_cert_chain(
+                str(settings.tls_cert_file), str(settings.tls_key_file) if settings.tls_key_file else None
+            )
+    except (OSError, ssl.SSLError) as exc:
+        msg = f"cannot load the MQTT TLS files: {exc}"
+        raise BrokerError(msg) from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _default_lock_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return Path(runtime) / "mgtwin"
+    return Path(tempfile.gettempdir()) / f"mgtwin-{os.getuid()}"
+
+
+class SessionLock:
+    """A single-instance lock: one holder per MQTT client id and broker on this host.
+
+    The broker keeps one session per client id; a second copy of the twin with the same id
+    would take that session over (and the first would take it back, and so on). The lock is
+    an exclusive ``flock`` on ``<folder>/<client id>@<host>_<port>.lock``, released by the
+    kernel when the holder exits, however it exits (no stale lock after a crash). The file
+    holds the holder's pid, for the error message.
+
+    Args:
+        client_id: the MQTT client id.
+        broker: ``host:port`` of the broker.
+        folder: where lock files live; default ``$XDG_RUNTIME_DIR/mgtwin`` or
+            ``mgtwin-<uid>`` in the temporary folder.
+    """
+
+    def __init__(self, client_id: str, broker: str, folder: Path | None = None) -> None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{client_id}@{broker}")[:200]
+        self.path = (folder or _default_lock_dir()) / f"{safe}.lock"
+        self.client_id = client_id
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            BrokerError: another process holds it (its pid is named), or the folder is not writable.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            handle = self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            msg = f"cannot create the single-instance lock {self.path}: {exc.strerror}"
+            raise BrokerError(msg) from exc
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            msg = (
+                f"another mgtwin serve (pid {holder}) already runs with MQTT client id {self.client_id!r} "
+                f"on this broker (lock {self.path}); a second copy would steal its session"
+            )
+            raise BrokerError(msg) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        handle, self._file = self._file, None
+        if handle is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
 
 
 class MqttLink:
@@ -100,9 +212,11 @@ class MqttLink:
         self.site = site
         self.version = version
         self.v5 = settings.protocol == "5"
+        self.client_id = client_id
         self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=queue_max)
         self._subscribe = subscribe
         self.connected = threading.Event()
+        self._answered = threading.Event()  # the broker answered a CONNECT (accepted or refused)
         self.counters: dict[str, int] = {
             "received": 0,
             "callback_errors": 0,
@@ -110,8 +224,17 @@ class MqttLink:
             "connects": 0,
             "disconnects": 0,
             "acked": 0,
+            "ack_stale": 0,
             "published": 0,
+            "connect_failures": 0,
+            "session_taken_over": 0,
+            "flapping": 0,
+            "oversize": 0,
+            "broker_dropped": 0,
         }
+        #: The broker's own dropped-messages counter, as last read from $SYS (None until read).
+        self.broker_dropped_abs: int | None = None
+        self._broker_dropped_base: int | None = None
         self.last_error: str | None = None
         self.session_present = False
         self.on_message_hook: Callable[[Inbound], None] | None = None  # tests inject faults here
@@ -123,26 +246,23 @@ class MqttLink:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         first = settings.reconnect_min_s * random.uniform(0.5, 1.5)
-        self.client.reconnect_delay_set(
-            min_delay=max(1, round(first)), max_delay=max(1, round(settings.reconnect_max_s))
-        )
+        self._delays = (max(1, round(first)), max(1, round(settings.reconnect_max_s)))
+        self.client.reconnect_delay_set(min_delay=self._delays[0], max_delay=self._delays[1])
+        self._backed_off = False
+        self._losses: deque[float] = deque()
+        self._stopping = False
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
             self.client.username_pw_set(settings.username, password)
         if parts.scheme == "mqtts" or settings.tls_ca_file:
-            self.client.tls_set(
-                ca_certs=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-                certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
-                keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-            self.client.tls_insecure_set(False)
+            self.client.tls_set_context(_tls_context(settings))
         status_topic = c.topic(c.TopicKind.TWIN_STATUS, site)
         will = c.encode(c.TwinStatus(state="offline", version=version))
         self.client.will_set(status_topic, will, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_connect_fail = self._on_connect_fail
 
     # ------------------------------------------------------------------ callbacks (never raise)
 
@@ -150,12 +270,18 @@ class MqttLink:
         try:
             if getattr(reason, "is_failure", False):
                 self.last_error = f"connection refused: {reason}"
+                self._answered.set()
                 log.error("MQTT broker refused the connection: %s", reason)
                 return
             self.counters["connects"] += 1
             self.session_present = bool(getattr(flags, "session_present", False))
+            if self._backed_off:  # back to the usual backoff
+                self._backed_off = False
+                client.reconnect_delay_set(min_delay=self._delays[0], max_delay=self._delays[1])
             if self._subscribe:
                 client.subscribe([(t, 1) for t in ingest_subscriptions(self.site)])
+                if self.settings.broker_stats:
+                    client.subscribe(BROKER_DROPPED_TOPIC, 0)
             log.info(
                 "MQTT connected to %s:%d (session %s)",
                 self.host,
@@ -163,23 +289,82 @@ class MqttLink:
                 "resumed" if self.session_present else "new",
             )
             self.connected.set()
+            self._answered.set()
         except Exception as exc:
             self.counters["callback_errors"] += 1
             self.last_error = repr(exc)
 
-    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
+    def _on_disconnect(self, client: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
         try:
-            if self.connected.is_set():
-                log.warning("MQTT connection lost (%s); reconnecting", reason)
+            was_connected = self.connected.is_set()
             self.connected.clear()
             self.counters["disconnects"] += 1
+            if self._stopping:
+                return
+            if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+                self.counters["session_taken_over"] += 1
+                self.last_error = "session taken over by another client with the same id"
+                log.error("MQTT session taken over by another client with id %r", self.client_id)
+            elif was_connected:
+                log.warning("MQTT connection lost (%s); reconnecting", reason)
+            if was_connected:
+                self._on_loss(client)
         except Exception:
             self.counters["callback_errors"] += 1
 
+    def _on_loss(self, client: mqtt.Client) -> None:
+        """Slow down when the connection flaps (another copy taking the session, see the module docstring)."""
+        now = time.monotonic()
+        backoff = max(1, round(self.settings.takeover_backoff_s))
+        self._losses.append(now)
+        while self._losses and now - self._losses[0] > 2 * backoff:
+            self._losses.popleft()
+        if len(self._losses) >= _FLAPS:
+            self._losses.clear()
+            self.counters["flapping"] += 1
+            self.last_error = "the connection flaps: another client with the same id taking the session?"
+            log.error(
+                "MQTT connection to %s:%d lost %d times within %d s: another client with id %r taking the "
+                "session? Next reconnect in %d s",
+                self.host,
+                self.port,
+                _FLAPS,
+                2 * backoff,
+                self.client_id,
+                backoff,
+            )
+            self._backed_off = True
+            client.reconnect_delay_set(min_delay=backoff, max_delay=max(backoff, self._delays[1]))
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: object) -> None:
+        self.counters["connect_failures"] += 1
+
+    def _on_broker_stats(self, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != BROKER_DROPPED_TOPIC:
+            return
+        value = int(bytes(msg.payload).strip() or b"0")
+        if self._broker_dropped_base is None or value < (self.broker_dropped_abs or 0):
+            # The first reading, or the broker restarted (its counters start again from 0).
+            self._broker_dropped_base = value - self.counters["broker_dropped"]
+        self.broker_dropped_abs = value
+        self.counters["broker_dropped"] = value - self._broker_dropped_base
+
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         try:
+            if msg.topic.startswith("$SYS/"):
+                self._on_broker_stats(msg)
+                return
+            payload = bytes(msg.payload)
+            if len(payload) > c.MAX_PAYLOAD_BYTES:
+                self.counters["oversize"] += 1
+                payload = payload[: c.MAX_PAYLOAD_BYTES + 1]  # still refused as oversize; memory bounded
             item = Inbound(
-                topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos, received_s=time.monotonic()
+                topic=msg.topic,
+                payload=payload,
+                mid=msg.mid,
+                qos=msg.qos,
+                received_s=time.monotonic(),
+                generation=self.counters["connects"],
             )
             if self.on_message_hook is not None:
                 self.on_message_hook(item)
@@ -193,9 +378,9 @@ class MqttLink:
         except Exception as exc:
             self.counters["callback_errors"] += 1
             self.last_error = repr(exc)
-            if msg.qos > 0:
-                # Nothing was queued: acknowledge, or the message would block the session forever.
-                self.client.ack(msg.mid, msg.qos)
+            # Nothing was queued: acknowledge, or the message would block the session forever.
+            if msg.qos > 0 and self.client.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.counters["acked"] += 1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -218,7 +403,7 @@ class MqttLink:
             msg = f"cannot connect to the MQTT broker at {self.host}:{self.port}: {exc}"
             raise BrokerError(msg) from exc
         self.client.loop_start()
-        if wait and not self.connected.wait(_CONNECT_TIMEOUT_S):
+        if wait and not (self._answered.wait(_CONNECT_TIMEOUT_S) and self.connected.wait(0.5)):
             self.stop(publish_offline=False)
             why = self.last_error or "timeout"
             msg = f"the MQTT broker at {self.host}:{self.port} did not accept the connection: {why}"
@@ -230,6 +415,7 @@ class MqttLink:
             info = self.publish_status("offline")
             if info is not None:
                 info.wait_for_publish(5)
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -260,9 +446,18 @@ class MqttLink:
         return batch
 
     def ack(self, messages: Sequence[Inbound]) -> None:
-        """Acknowledge messages, in the order they were received (MQTT 4.6)."""
+        """Acknowledge messages, in the order they were received (MQTT 4.6).
+
+        A message delivered on an earlier connection is not acknowledged: the broker has
+        redelivered it on this one (it is then processed again, as a duplicate), and its
+        packet id may now name another message.
+        """
+        generation = self.counters["connects"]
         for m in messages:  # one PUBACK per message is what the protocol needs
             if m.qos > 0:
+                if m.generation != generation:
+                    self.counters["ack_stale"] += 1
+                    continue
                 rc = self.client.ack(m.mid, m.qos)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     self.counters["acked"] += 1
