@@ -52,7 +52,7 @@ demo: $(STAMP)
 	$(BIN)/mgtwin demo $(DEMO_ARGS)
 
 bench: system-deps $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

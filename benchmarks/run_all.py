@@ -38,12 +38,16 @@ def _flatten(figures: dict[str, object], prefix: str = "") -> dict[str, object]:
     return out
 
 
+#: Benchmarks too long for the default table (an hour's soak): `make bench ARGS=soak` or by name.
+LONG = frozenset({"soak"})
+
+
 def main() -> int:
     """Run the benchmarks named on the command line (default: all) and print one table."""
     wanted = set(sys.argv[1:])
     scripts = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
-    if wanted:
-        scripts = [p for p in scripts if p.stem in wanted]
+    # Named benchmarks run as asked; by default, all but the long ones.
+    scripts = [p for p in scripts if (p.stem in wanted if wanted else p.stem not in LONG)]
     rows: list[tuple[str, str, str]] = []
     failed = 0
     for script in scripts:

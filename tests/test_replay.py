@@ -84,6 +84,8 @@ def test_replay_writes_estimates_for_every_pack_and_window(replayed: Path) -> No
     info = json.loads((replayed / "replay.json").read_text())
     assert info["telemetry_rows"] == pl.read_parquet(replayed / "telemetry.parquet").height
     assert info["estimation"]["no_meta"] == 0
+    assert info["end_ms"] == site["ts_ms"].max()
+    assert info["windows"] == windows
 
 
 def test_replay_does_not_depend_on_the_read_batches(run_dir: Path) -> None:

@@ -18,10 +18,27 @@ and the health endpoint. The worker loops:
 SIGTERM or SIGINT: stop taking messages, finish the batch in hand (write, acknowledge)
 within the deadline, publish ``offline``, exit 0. A second signal exits at once; what was
 not written is not acknowledged, so the broker redelivers it to the next start.
+
+Ingest guards besides the core's (:mod:`twin.state`): cell snapshots and site telemetry obey
+the same clock-skew rule as pack telemetry, and cell snapshots of a pack the core does not
+know (no telemetry, meta or status yet: ``unknown_pack``, or ``cardinality_cap`` once the cap
+is reached) are refused, so random pack ids on ``cells`` cannot create series without bound;
+a telemetry sample that takes the (pack, ts_ms) of another sample with a
+different ``seq`` is refused as ``ts_collision`` (it would overwrite that point). A batch
+whose processing raises is dead-lettered (``internal_error``) and acknowledged, so one
+poison batch cannot stall the stream; the error is counted and alerted.
+
+Service alerts on ``twin/alerts`` (kinds ``influx_unavailable``, ``broker_dropped``,
+``session_taken_over``, ``cardinality_cap``, ``ingest_errors``): raised when the condition
+appears (a counter grows), cleared after ``_SERVICE_ALERT_CLEAR_S`` without it.
+
+A single-instance lock (:class:`twin.io.mqtt.SessionLock`) is taken before connecting: a
+second copy with the same client id on the same broker refuses to start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -37,14 +54,15 @@ import polars as pl
 
 from twin import __version__
 from twin import contract as c
+from twin.alerts import AlertEngine, AlertOptions, alerts_frame
 from twin.clock import Clock, SystemClock
 from twin.config import Settings
 from twin.io.health import HealthServer
 from twin.io.influx import RetryPolicy, WriteOutcome, Writer, make_writer, write_with_retry
-from twin.io.mqtt import Inbound, MqttLink
-from twin.pipeline import decode_batch
+from twin.io.mqtt import Inbound, MqttLink, SessionLock
+from twin.pipeline import REJECTS_SCHEMA, Decoded, decode_batch
 from twin.points import MEASUREMENTS, render
-from twin.state import CoreOptions, TwinCore
+from twin.state import CoreOptions, IngestResult, TwinCore
 
 __all__ = ["Service", "ServiceStats"]
 
@@ -52,6 +70,19 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_DEADLINE_S: Final = 10.0
 _DEADLETTER_SAMPLE: Final = 200  # at most this many dead-letter messages per batch are published
+_SERVICE_ALERT_CLEAR_S: Final = 60.0  # a counter-driven service alert clears after this long without growth
+_WRITE_SLOW_S: Final = 5.0  # a write in progress for longer makes /healthz degraded (a hung InfluxDB, F2)
+# Service alerts: kind -> (severity, what the counter or condition means).
+_SERVICE_ALERTS: Final[dict[str, tuple[str, str]]] = {
+    "influx_unavailable": ("critical", "InfluxDB does not take writes; the broker holds the backlog"),
+    "broker_dropped": ("critical", "the broker dropped messages: a client queue reached max_queued_messages"),
+    "session_taken_over": (
+        "critical",
+        "the MQTT connection flaps or was taken over: another client with the twin's client id?",
+    ),
+    "cardinality_cap": ("warning", "telemetry of packs beyond ingest.max_packs was refused"),
+    "ingest_errors": ("warning", "errors in the MQTT callback or the ingest worker"),
+}
 _DTYPES: Final[dict[type, pl.DataType]] = {float: pl.Float64(), int: pl.Int64(), bool: pl.Boolean(), str: pl.String()}
 
 
@@ -65,6 +96,7 @@ class ServiceStats:
     influx_ok: bool = True
     influx_error: str | None = None
     last_write_s: float = 0.0
+    last_retry_delay_s: float = 0.0
     batches: int = 0
 
 
@@ -90,6 +122,8 @@ class Service:
         self.clock = clock or SystemClock()
         self.site = settings.site
         self.core = TwinCore(CoreOptions.from_settings(settings))
+        # Alerts (issue 6): raised and cleared per batch, in event time (twin.alerts).
+        self.alerts = AlertEngine(AlertOptions.from_settings(settings)) if settings.alerts.enabled else None
         self.writer = writer if writer is not None else (make_writer(settings.influx) if settings.influx.url else None)
         self.link = link or MqttLink(
             settings.mqtt,
@@ -108,12 +142,23 @@ class Service:
         self.health: HealthServer | None = None
         self._worker: threading.Thread | None = None
         self._stopping_since: float | None = None
+        self.lock = SessionLock(settings.client_id, f"{self.link.host}:{self.link.port}", folder=settings.mqtt.lock_dir)
+        self._in_hand: list[Inbound] | None = None  # the batch being processed, until acknowledged
+        self._write_started_s: float | None = None
+        self._recent_ts = pl.DataFrame(schema={"pack": pl.String, "ts_ms": pl.Int64, "seq": pl.Int64})
+        self.service_alerts: dict[str, c.Alert] = {}  # active service alerts by kind
+        self._alert_marks: dict[str, tuple[float, float]] = {}  # kind -> (last value, when it last grew)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Connect to the broker, start the worker and the health endpoint."""
+        """Take the single-instance lock, connect to the broker, start the worker and the health endpoint.
+
+        Raises:
+            BrokerError: another copy holds the lock, or the broker cannot be reached.
+        """
         h = self.settings.health
+        self.lock.acquire()
         self.health = HealthServer(h.host, h.port, health=self.healthz, metrics=self.metrics)
         self.health.start()
         self.link.start()
@@ -137,10 +182,13 @@ class Service:
         return not self._worker.is_alive()
 
     def close(self) -> None:
-        """Publish offline, disconnect, stop the health endpoint."""
+        """Publish offline, disconnect, stop the health endpoint, close the writer, release the lock."""
         self.link.stop(publish_offline=True)
         if self.health is not None:
             self.health.stop()
+        if self.writer is not None:
+            self.writer.close()
+        self.lock.release()
 
     def install_signal_handlers(self) -> None:
         """Route SIGTERM and SIGINT to :meth:`request_stop`."""
@@ -162,9 +210,11 @@ class Service:
                 if batch:
                     self.process(batch)
                 self._maybe_publish_state()
+                self._check_service_alerts()
             except Exception:  # the worker must not die silently: log, count, go on
                 log.exception("error in the worker loop")
                 self.stats.counts["worker_errors"] += 1
+                self._abandon_in_hand()
                 time.sleep(0.5)
         # Graceful stop: what is queued was not acknowledged; the broker redelivers it.
         self._publish_state(force=True)
@@ -181,29 +231,178 @@ class Service:
         stats = self.stats
         stats.batches += 1
         stats.counts["received"] += len(batch)
+        self._in_hand = batch  # until acknowledged; abandoned (dead-lettered, acked) if this raises
         decoded = decode_batch([m.topic for m in batch], [m.payload for m in batch], site=self.site)
         now_ms = self.clock.now_ms()
         result = self.core.ingest(decoded, now_ms=now_ms)
         rejects = pl.concat([decoded.rejects, result.rejects]) if result.rejects.height else decoded.rejects
         stats.counts["accepted"] += decoded.accepted() - result.rejects.height
+        decoded, result, guarded = self._guard(decoded, result, now_ms)
+        if guarded.height:
+            rejects = pl.concat([rejects, guarded])
+            stats.counts["accepted"] -= guarded.height
         stats.counts["duplicates"] += result.duplicates
         stats.counts["late"] += result.late
         if result.telemetry.height:
             stats.lag_ms = float(now_ms - int(result.telemetry["ts_ms"].max()))  # type: ignore[arg-type]
 
         bodies = self._render_batch(result.telemetry, decoded)
+        # --- alerts (issue 6): evaluated after the mirror, written with the batch, published once written.
+        alerts: list[c.Alert] = []
+        if self.alerts is not None:
+            alerts = self.alerts.update(
+                result.telemetry, core=self.core, now_ms=now_ms, site=decoded.site, status=decoded.status
+            )
+            if alerts:
+                bodies.append(self._render(alerts_frame(alerts).drop("site"), "alerts"))
+        # --- end of alerts
         outcome = self._write(bodies)
         if outcome is not None and outcome.status == "retry":
-            log.warning("stopping with %d messages not written; the broker will redeliver them", len(batch))
+            log.warning(
+                "stopping with %d messages not written and %d queued; the broker will redeliver them",
+                len(batch),
+                self.link.queue.qsize(),
+            )
             stats.counts["unwritten_at_stop"] += len(batch)
+            self._in_hand = None
             return False
         if outcome is not None and outcome.status == "rejected":
-            stats.counts["deadlettered"] += len(batch) - rejects.height
+            if not outcome.partial:  # a partial write kept the valid points; only the refused ones count
+                stats.counts["deadlettered"] += len(batch) - rejects.height
             self._deadletter_batch(batch, outcome)
         if rejects.height:
             self._deadletter(batch, rejects)
         self.link.ack(batch)
+        self._in_hand = None
+        self._publish_alerts(alerts)
         return True
+
+    def _publish_alerts(self, alerts: list[c.Alert]) -> None:
+        """Publish each raised or cleared alert on ``twin/alerts`` (QoS 1, not retained) and count it."""
+        topic = c.topic(c.TopicKind.TWIN_ALERTS, self.site)
+        for alert in alerts:  # transitions are rare
+            self.link.publish(topic, c.encode(alert))
+            self.stats.counts[f"alerts_{alert.state}"] += 1
+
+    # ------------------------------------------------------------------ ingest guards
+
+    def _guard(self, decoded: Decoded, result: IngestResult, now_ms: int) -> tuple[Decoded, IngestResult, pl.DataFrame]:
+        """Apply the rules the core leaves to the service; return the filtered batch and the new rejects."""
+        rejects: list[pl.DataFrame] = []
+        skew_limit = now_ms + int(self.settings.ingest.max_clock_skew_s * 1000)
+        skew_detail = f"timestamp more than {self.settings.ingest.max_clock_skew_s:g} s ahead"
+        cells, site = decoded.cells, decoded.site
+        if cells.height:
+            skewed = pl.col("ts_ms") > skew_limit
+            unknown = ~pl.col("pack").is_in(list(self.core.packs.ids))
+            rejects.append(_rejects(cells.filter(skewed), "clock_skew", skew_detail))
+            # A pack is known once its telemetry, meta or status came (within the cap); cell
+            # snapshots alone never create a pack, so random ids on `cells` cannot add series.
+            full = len(self.core.packs.ids) >= self.settings.ingest.max_packs
+            reason, detail = (
+                ("cardinality_cap", f"more than {self.settings.ingest.max_packs} packs")
+                if full
+                else ("unknown_pack", "no telemetry, meta or status of this pack yet")
+            )
+            rejects.append(_rejects(cells.filter(~skewed & unknown), reason, detail))
+            cells = cells.filter(~skewed & ~unknown)
+        if site.height:
+            rejects.append(_rejects(site.filter(pl.col("ts_ms") > skew_limit), "clock_skew", skew_detail))
+            site = site.filter(pl.col("ts_ms") <= skew_limit)
+        telemetry, collided = self._ts_collisions(result.telemetry)
+        rejects.append(collided)
+        refused = pl.concat([r for r in rejects if r.height]) if any(r.height for r in rejects) else _NO_REJECTS
+        if refused.height:
+            for reason in ("clock_skew", "cardinality_cap"):
+                self.core.counters[reason] += int((refused["reason"] == reason).sum())
+            decoded = dataclasses.replace(decoded, cells=cells, site=site)
+            result = dataclasses.replace(result, telemetry=telemetry)
+        return decoded, result, refused
+
+    def _ts_collisions(self, tele: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Split off samples whose (pack, ts_ms) another seq already holds, in the batch or recently (B5)."""
+        if tele.height == 0:
+            return tele, _NO_REJECTS
+        keys = tele.select("msg", "pack", "ts_ms", "seq")
+        first = keys.unique(subset=["pack", "ts_ms"], keep="first", maintain_order=True)
+        in_batch = keys.join(first.select("msg"), on="msg", how="anti")
+        earlier = first.join(self._recent_ts, on=["pack", "ts_ms"], how="inner").filter(
+            pl.col("seq") != pl.col("seq_right")
+        )
+        collided = pl.concat([in_batch, earlier.select(keys.columns)])
+        if collided.height:
+            tele = tele.join(collided.select("msg"), on="msg", how="anti", maintain_order="left")
+        keep_from = self.core.watermark_ms - int(self.settings.ingest.late_window_s * 1000)
+        self._recent_ts = pl.concat([self._recent_ts, tele.select("pack", "ts_ms", "seq")]).filter(
+            pl.col("ts_ms") >= keep_from
+        )
+        self.stats.counts["ts_collisions"] += collided.height
+        detail = "another sample of this pack with a different seq has this timestamp"
+        return tele, _rejects(collided, "ts_collision", detail)
+
+    def _abandon_in_hand(self) -> None:
+        """Dead-letter and acknowledge the batch whose processing raised, so it cannot stall the stream."""
+        batch, self._in_hand = self._in_hand, None
+        if not batch:
+            return
+        self.stats.counts["deadlettered"] += len(batch)
+        self.stats.invalid["internal_error"] += len(batch)
+        letter = c.DeadLetter(
+            topic=f"{len(batch)} messages from {batch[0].topic}"[:1024],
+            reason="internal_error",
+            detail="processing the batch raised; see the service log",
+            payload_excerpt=batch[0].payload[:200].decode(errors="replace"),
+            received_ms=self.clock.now_ms(),
+        )
+        try:
+            self.link.publish(c.topic(c.TopicKind.TWIN_DEADLETTER, self.site), c.encode(letter))
+        finally:
+            self.link.ack(batch)
+
+    # ------------------------------------------------------------------ service alerts
+
+    def _check_service_alerts(self) -> None:
+        """Raise or clear the service's own alerts (see the module docstring)."""
+        link = self.link.counters
+        now = time.monotonic()
+        growing = {
+            "broker_dropped": link["broker_dropped"],
+            "session_taken_over": link["session_taken_over"] + link["flapping"],
+            "cardinality_cap": self.core.counters["cardinality_cap"],
+            "ingest_errors": link["callback_errors"] + link["queue_overflow"] + self.stats.counts["worker_errors"],
+        }
+        for kind, value in growing.items():
+            last, since = self._alert_marks.get(kind, (0.0, -1e9))
+            if value > last:
+                self._alert_marks[kind] = (float(value), now)
+                self._service_alert(kind, raised=True, value=float(value))
+            elif now - since >= _SERVICE_ALERT_CLEAR_S:
+                self._service_alert(kind, raised=False, value=float(value))
+        self._service_alert("influx_unavailable", raised=not self.stats.influx_ok, value=None)
+
+    def _service_alert(self, kind: str, *, raised: bool, value: float | None) -> None:
+        active = kind in self.service_alerts
+        if raised == active:
+            return
+        severity, meaning = _SERVICE_ALERTS[kind]
+        now_ms = self.clock.now_ms()
+        first = self.service_alerts.pop(kind) if active else None
+        alert = c.Alert(
+            site=self.site,
+            ts_ms=now_ms,
+            alert_id=first.alert_id if first is not None else f"{kind}-{now_ms}"[:64],
+            kind=kind,
+            severity=severity,  # type: ignore[arg-type]
+            state="raised" if raised else "cleared",
+            value=value,
+            message=(meaning if raised else f"cleared: {meaning}")[:512],
+        )
+        if raised:
+            self.service_alerts[kind] = alert
+            log.error("alert raised: %s (%s)", kind, meaning)
+        else:
+            log.info("alert cleared: %s", kind)
+        self._publish_alerts([alert])
 
     def _render_batch(self, telemetry: pl.DataFrame, decoded: Any) -> list[bytes]:
         parts = [
@@ -239,11 +438,21 @@ class Service:
                 log.warning("InfluxDB write failed (%s); retrying with backoff", outcome.message or outcome.http_status)
             self.stats.influx_ok = False
             self.stats.influx_error = outcome.message or str(outcome.http_status)
-            del delay
+            self.stats.last_retry_delay_s = delay
+            self._check_service_alerts()  # the worker loop does not run while the batch is retried
 
-        outcome = write_with_retry(
-            self.writer, body, policy=self._retry, should_stop=self._should_give_up, sleep=time.sleep, on_retry=on_retry
-        )
+        self._write_started_s = time.monotonic()
+        try:
+            outcome = write_with_retry(
+                self.writer,
+                body,
+                policy=self._retry,
+                should_stop=self._should_give_up,
+                sleep=self._sleep,
+                on_retry=on_retry,
+            )
+        finally:
+            self._write_started_s = None
         if outcome.status == "ok":
             if not self.stats.influx_ok:
                 log.info("InfluxDB writes recovered")
@@ -253,7 +462,15 @@ class Service:
             self.stats.counts["written_points"] += body.count(b"\n")
         elif outcome.status == "rejected":
             log.error("InfluxDB rejected a batch (%s): dead-lettered", outcome.message)
+            lines = body.count(b"\n")
+            refused = min(outcome.rejected_points, lines) if outcome.rejected_points is not None else lines
+            self.stats.counts["influx_rejected_points"] += refused
+            self.stats.counts["written_points"] += lines - refused
         return outcome
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait between retries; a forced stop (second signal) ends the wait at once."""
+        self._force.wait(seconds)
 
     def _deadletter(self, batch: list[Inbound], rejects: pl.DataFrame) -> None:
         counts = rejects["reason"].value_counts()
@@ -286,7 +503,10 @@ class Service:
             payload_excerpt="",
             received_ms=self.clock.now_ms(),
         )
-        self.stats.invalid["influx_rejected"] += len(batch)
+        refused = (outcome.rejected_points or 0) if outcome.partial else len(batch)
+        self.stats.invalid["influx_rejected"] += refused
+        if outcome.partial:
+            self.stats.counts["deadlettered"] += refused
         self.link.publish(topic, c.encode(letter))
 
     # ------------------------------------------------------------------ outputs
@@ -320,6 +540,9 @@ class Service:
             return  # no telemetry yet (meta and status alone carry no event time to stamp a state with)
         site = self.core.site_frame(now_ms)
         packs = self.core.pack_frame(now_ms)
+        if self.alerts is not None:  # issue 6: the per-pack anomaly score from the alert engine
+            scores = pl.Series("anomaly_score", self.alerts.anomaly_scores(packs["pack"].to_list()))
+            packs = packs.with_columns(scores.fill_nan(None))
         self._last_site = self._site_signature(now_ms)
         expiry = self.settings.publish.expiry_s
         self.link.publish(
@@ -391,19 +614,46 @@ class Service:
         out["influx_ok"] = 1.0 if s.influx_ok else 0.0
         out["mqtt_connected"] = 1.0 if self.link.connected.is_set() else 0.0
         out["packs"] = float(len(self.core.packs.ids))
+        out["write_in_progress_s"] = self._write_age_s()
+        out["retry_delay_s"] = s.last_retry_delay_s
+        if self.link.broker_dropped_abs is not None:
+            out["broker_dropped_messages"] = float(self.link.broker_dropped_abs)  # the broker's own counter
+        for kind in _SERVICE_ALERTS:
+            out[f'alert_active{{kind="{kind}"}}'] = 1.0 if kind in self.service_alerts else 0.0
         return out
+
+    def _write_age_s(self) -> float:
+        started = self._write_started_s
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     def healthz(self) -> tuple[bool, dict[str, Any]]:
         """Healthy when connected to the broker, InfluxDB accepts writes, and the queue is not near full."""
         s = self.stats
         depth = self.link.queue.qsize()
-        ok = self.link.connected.is_set() and s.influx_ok and depth < 0.9 * self.link.queue.maxsize
+        write_age = self._write_age_s()
+        influx_ok = s.influx_ok and write_age < min(_WRITE_SLOW_S, self.settings.influx.timeout_s)
+        ok = self.link.connected.is_set() and influx_ok and depth < 0.9 * self.link.queue.maxsize
         return ok, {
             "mqtt_connected": self.link.connected.is_set(),
-            "influx_ok": s.influx_ok,
-            "influx_error": s.influx_error,
+            "influx_ok": influx_ok,
+            "influx_error": s.influx_error or (f"a write has taken {write_age:.0f} s" if not influx_ok else None),
+            "alerts": sorted(self.service_alerts),
             "queue_depth": depth,
             "lag_ms": s.lag_ms,
             "packs": len(self.core.packs.ids),
             "stopping": self.stop_event.is_set(),
         }
+
+
+_NO_REJECTS: Final = pl.DataFrame(schema=REJECTS_SCHEMA)
+
+
+def _rejects(frame: pl.DataFrame, reason: str, detail: str) -> pl.DataFrame:
+    """Rows of a kind frame as rejects (the topic and excerpt come from the message at dead-letter time)."""
+    return frame.select(
+        pl.col("msg"),
+        pl.lit("").alias("topic"),
+        pl.lit(reason).alias("reason"),
+        pl.lit(detail).alias("detail"),
+        pl.lit("").alias("payload_excerpt"),
+    )

@@ -202,6 +202,72 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+@app.command()
+def passport(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with packs.parquet and the replay's estimates.parquet.")],
+    estimates: Annotated[
+        Path | None, typer.Option("--estimates", help="Folder of the replay's estimates (default: the run folder).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the passports as CSV here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of the table.")] = False,
+) -> None:
+    """Print the second-life pack passports: first life, intake SoH, SoH now, RUL, aging model and validity.
+
+    The estimates are the last window of `mgtwin replay RUN_DIR` (estimates.parquet); the first
+    life and intake come from each pack's meta topic (packs.parquet).
+    """
+    import polars as pl
+
+    from twin.passport import passport as build
+
+    est_path = (estimates or run_dir) / "estimates.parquet"
+    meta_path = run_dir / "packs.parquet"
+    for path, hint in ((meta_path, "not a run folder"), (est_path, f"run `mgtwin replay {run_dir}` first")):
+        if not path.is_file():
+            err_console.print(f"[bold red]error:[/] {path} is missing: {hint}")
+            raise typer.Exit(2)
+    est = pl.read_parquet(est_path)
+    last = est.filter(pl.col("ts_ms") == pl.col("ts_ms").max()).rename({"resistance_ohm": "resistance_ohm_25c"})
+    table = build(pl.read_parquet(meta_path), last)
+    if out is not None:
+        table.write_csv(out)
+    if as_json:
+        for row in table.iter_rows(named=True):
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        return
+    view = Table("pack", "vehicle", "years", "intake SoH", "SoH now", "BMS SoH", "RUL P50 (d)", "knee", "model")
+    for r in table.iter_rows(named=True):
+
+        def num(value: object, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        view.add_row(
+            r["pack"],
+            r.get("vehicle") or "-",
+            num(r.get("years_in_service"), ".1f"),
+            num(r.get("intake_soh"), ".3f"),
+            num(r.get("soh"), ".3f"),
+            num(r.get("soh_bms"), ".3f"),
+            num(r.get("rul_days_p50"), ",.0f"),
+            "yes" if r.get("knee") else "",
+            r.get("aging_model") or "-",
+        )
+    console.print(view)
+    console.print(f"{table.height} second-life packs" + (f"; CSV: {out}" if out else ""))
+
+
+def _aging_speedup(path: Path) -> float:
+    """The emulator's ``aging_speedup`` from a run folder's run.json (1 for anything else)."""
+    info = path / "run.json" if path.is_dir() else None
+    if info is None or not info.is_file():
+        return 1.0
+    try:
+        value = json.loads(info.read_text(encoding="utf-8")).get("options", {}).get("aging_speedup", 1.0)
+    except (OSError, ValueError):
+        return 1.0
+    return float(value) if isinstance(value, int | float) and value > 0 else 1.0
+
+
 def parse_start(text: str) -> datetime:
     """Parse ``now`` or an ISO 8601 time with a zone into an aware UTC datetime (whole seconds).
 
@@ -226,58 +292,475 @@ def parse_start(text: str) -> datetime:
 
 
 @app.command()
-def replay(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (from `mgtwin emulate --out` or `mgtwin record`).")],
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Folder for estimates.parquet and site_estimates.parquet.")
+def record(
+    mqtt_url: Annotated[
+        str | None, typer.Option("--mqtt", help="Broker URL, mqtt://HOST:PORT (MGTWIN_MQTT__URL).")
     ] = None,
-    every: Annotated[str, typer.Option(help="Estimate cadence in event time (window length).")] = "60s",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run folder to record into (continued if it exists).")
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="Site identifier to record (MGTWIN_SITE).")] = None,
+    roll: Annotated[str, typer.Option(help="Close the Parquet parts this often (a crash loses at most this).")] = "2s",
+    client_id: Annotated[
+        str | None, typer.Option(help="Fixed MQTT client id (the broker keeps the session under it).")
+    ] = None,
+    duration: Annotated[str | None, typer.Option(help="Stop after this long (default: at SIGTERM or Ctrl-C).")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Replay a recorded run through the twin offline, as fast as it goes, and write its estimates.
+    """Record a site's MQTT telemetry into a run folder, for `mgtwin replay`.
 
-    The run's telemetry goes, in event time, through the same core as `mgtwin serve` (mirror,
-    data-quality rules, SoC filter, energy and runtime model); after every window of --every the
-    pack and site views are taken as the service would publish them. Writes estimates.parquet
-    (per pack), site_estimates.parquet (per site) and replay.json into --out (default: the run
-    folder), ready for `mgtwin evaluate`. The reserve floor and estimator options come from the
-    settings (MGTWIN_ESTIMATION__RESERVE_FLOOR_SOC, ...).
+    Subscribes to the site's contract topics (meta and status, retained ones included;
+    telemetry, cells, site) with a persistent session and writes the emulator's run-folder
+    layout without truth: each table is a folder of Parquet parts closed every --roll, so a
+    crash loses at most the part being written. A message is acknowledged to the broker only
+    once its part is on disk, so what a crash or a broker restart interrupts is delivered
+    again to the restarted recorder (same --client-id; default mgtwin-record-SITE). Messages
+    that break the contract go to rejects/. SIGTERM or Ctrl-C closes the parts and stops.
+    Credentials come from MGTWIN_MQTT__USERNAME and MGTWIN_MQTT__PASSWORD[_FILE].
     """
+    import logging
+    import signal
+    import threading
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from twin.config import load_settings
+    from twin.record import Recorder, RecordOptions, RecordStats
+
+    if out is None:
+        msg = "give --out DIR, the run folder to record into"
+        raise typer.BadParameter(msg)
+    settings = load_settings(config, site=site, mqtt={"url": mqtt_url})
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    options = RecordOptions(
+        roll_s=parse_duration(roll),
+        batch_max_messages=settings.ingest.batch_max_messages,
+        batch_max_age_s=settings.ingest.batch_max_age_s,
+    )
+    recorder = Recorder(settings, out, site=settings.site, client_id=client_id, options=options)
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set():  # a second signal: leave now; nothing unwritten was acknowledged
+            raise SystemExit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    recorder.start()
+    console.print(
+        f"recording site [bold]{settings.site}[/] from {settings.mqtt.url} into {out} "
+        f"(client id {recorder.client_id}); SIGTERM or Ctrl-C stops",
+        highlight=False,
+    )
+
+    def line(s: RecordStats) -> str:
+        rows = ", ".join(f"{t} {n:,}" for t, n in sorted(s.rows.items()))
+        return (
+            f"{s.messages:,} messages, {len(s.packs)} packs, {s.span_s():,.0f} s of event time; {rows or 'nothing yet'}"
+        )
+
+    try:
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
+        ) as bar:
+            task = bar.add_task("waiting for messages")
+            stats = recorder.run(
+                stop,
+                duration_s=parse_duration(duration) if duration else None,
+                progress=lambda s: bar.update(task, description=line(s)),
+            )
+    finally:
+        recorder.close()
+    rejects = ", ".join(f"{r} {n}" for r, n in sorted(stats.rejects.items())) or "none"
+    console.print(f"done: {line(stats)}", highlight=False)
+    console.print(
+        f"{stats.parts} rolls of parts, {stats.acked:,} messages acknowledged; rejects: {rejects}; run folder: {out}",
+        highlight=False,
+    )
+
+
+@app.command()
+def replay(
+    source: Annotated[
+        str | None,
+        typer.Argument(
+            help="Run folder (from emulate --out or record), or a .csv/.parquet log; none with --from-influx."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for estimates.parquet and site_estimates.parquet (default without --influx: the run "
+            "folder, or FILE-replay beside a file).",
+        ),
+    ] = None,
+    every: Annotated[str, typer.Option(help="Estimate cadence in event time (window length).")] = "60s",
+    influx: Annotated[
+        str | None, typer.Option("--influx", help="Also write the points to this InfluxDB, http://HOST:PORT.")
+    ] = None,
+    influx_db: Annotated[
+        str | None, typer.Option("--influx-db", help="Database (1.x, created if missing) or bucket (2.x).")
+    ] = None,
+    shift_to_now: Annotated[
+        bool,
+        typer.Option(
+            "--shift-to-now",
+            help="Move the source in time (whole hours): offline to end within the last hour, onto MQTT to start now.",
+        ),
+    ] = False,
+    to_mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--to-mqtt", help="Instead, re-publish the source onto this broker (mqtt://HOST:PORT) as a live site."
+        ),
+    ] = None,
+    speed: Annotated[
+        str, typer.Option(help="With --to-mqtt: event seconds per wall second, or 'max' (as fast as the broker takes).")
+    ] = "1",
+    connections: Annotated[int, typer.Option(help="With --to-mqtt: MQTT connections to publish on.", min=1)] = 4,
+    from_influx: Annotated[
+        str | None, typer.Option("--from-influx", help="Read the source from this InfluxDB (what the twin wrote).")
+    ] = None,
+    from_db: Annotated[str, typer.Option("--from-db", help="With --from-influx: the database to read.")] = "microgrid",
+    start: Annotated[
+        str | None,
+        typer.Option(help="Replay from this time: ISO 8601, epoch ms, now-6h, or +2h after the source's start."),
+    ] = None,
+    stop: Annotated[str | None, typer.Option(help="Replay up to this time (same forms as --start).")] = None,
+    site: Annotated[
+        str | None,
+        typer.Option(help="Site identifier: to read with --from-influx, to give a file's data, or to replay a run as."),
+    ] = None,
+    packs: Annotated[
+        Path | None,
+        typer.Option(help="Pack metadata (a packs.parquet/.csv table, or a run folder) for --from-influx or a file."),
+    ] = None,
+    mapping: Annotated[
+        str | None,
+        typer.Option("--map", help="File columns: ts=Time(s),current_a=Current(A),voltage_v=Voltage(V),temp_c=..."),
+    ] = None,
+    meta: Annotated[
+        Path | None,
+        typer.Option("--meta", help="TOML file with the pack's metadata, [map] and the options below.", exists=True),
+    ] = None,
+    pack: Annotated[str | None, typer.Option(help="File: the pack identifier (default: the file's name).")] = None,
+    chemistry: Annotated[str | None, typer.Option(help="File: cell type (nmc811, nmc532, lfp, lmo).")] = None,
+    rated_ah: Annotated[float | None, typer.Option(help="File: the pack's rated capacity, Ah.")] = None,
+    series: Annotated[int | None, typer.Option(help="File: cell groups in series.")] = None,
+    parallel: Annotated[int | None, typer.Option(help="File: cells in parallel per group (default 1).")] = None,
+    life: Annotated[str | None, typer.Option(help="File: new or second_life (default new).")] = None,
+    time_unit: Annotated[
+        str | None, typer.Option(help="File: unit of a numeric time: s, ms, us or ns (default s).")
+    ] = None,
+    t0: Annotated[
+        str | None, typer.Option(help="File: where relative times start (default 2020-01-01T00:00:00Z).")
+    ] = None,
+    current_sign: Annotated[
+        str | None,
+        typer.Option(help="File: discharge-positive (the contract's, default) or discharge-negative (flip)."),
+    ] = None,
+    temp_c: Annotated[
+        float | None, typer.Option(help="File: the temperature when no column gives it, °C (25).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Replay recorded or external telemetry through the twin offline, or onto MQTT as a live site.
+
+    SOURCE is a run folder (from `mgtwin emulate --out` or `mgtwin record`), a CSV or Parquet
+    log (a BMS or cycler export, read through --map, --time-unit, --current-sign and the pack's
+    metadata from the options or a --meta TOML file), or, with --from-influx URL --start --stop,
+    what the twin wrote to InfluxDB (with --packs for the metadata InfluxDB does not hold).
+
+    Offline (the default), the telemetry goes in event time, as fast as it goes, through the same
+    core as `mgtwin serve`; after every window of --every the pack and site views are taken as the
+    service would publish them. --out writes estimates.parquet, site_estimates.parquet and
+    replay.json (ready for `mgtwin evaluate`); --influx writes the points the live service writes
+    (telemetry, cells, site meter, pack and site state), stamped with the event time, so a second
+    replay overwrites the same points. --shift-to-now moves the source to end now.
+
+    With --to-mqtt, the source is re-published per the contract at --speed times its original
+    pacing, so that a live `mgtwin serve`, Grafana and any subscriber see a live site (credentials
+    from MGTWIN_MQTT__USERNAME and MGTWIN_MQTT__PASSWORD[_FILE]). With --shift-to-now it starts
+    now; above --speed 1 its timestamps then run ahead of the wall clock, and a live twin refuses
+    samples more than MGTWIN_INGEST__MAX_CLOCK_SKEW_S ahead. Estimator and data-quality options
+    come from the settings (MGTWIN_ESTIMATION__*, MGTWIN_INGEST__*).
+
+    A summary ends every replay: messages or rows, packs, event-time span, rejects (duplicates,
+    late, clock skew, cardinality cap, repeated times of a file, unreadable parts of a
+    recording), and the points written.
+    """
+    import re as re_module
+    import time as time_module
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from twin.config import load_settings
-    from twin.replay import ReplayOptions, RunFolder, replay_run, write_outputs
+    from twin.replay import ReplayError, ReplayOptions, ReplayWindow, RunFolder, open_run, replay_run, write_outputs
+    from twin.sources import (
+        ExternalOptions,
+        PackSpec,
+        between,
+        load_external_toml,
+        parse_mapping,
+        parse_time,
+        read_external,
+        read_influx,
+        read_packs,
+        shifted,
+        source_span,
+        with_site,
+    )
     from twin.state import CoreOptions
 
     settings = load_settings(config)
-    run = RunFolder.open(run_dir)
-    core_options = CoreOptions.from_settings(settings, site=run.site)
-    console.print(f"replaying [bold]{run.site}[/]: {run.meta.height} packs, {run.telemetry_rows:,} telemetry rows")
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("replaying", total=run.telemetry_rows)
-        result = replay_run(
-            run,
-            core_options=core_options,
-            options=ReplayOptions(every_s=parse_duration(every)),
-            progress=lambda done: bar.update(task, completed=done),
+    now_ms = time_module.time_ns() // 1_000_000
+    if to_mqtt is not None and (out is not None or influx is not None):
+        msg = "--to-mqtt re-publishes the source for a live twin; it does not go with --out or --influx"
+        raise typer.BadParameter(msg)
+
+    def bar() -> Progress:
+        return Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
         )
-    paths = write_outputs(result, out or run_dir)
+
+    # ---- the source
+    run: RunFolder
+    is_folder = False
+    if from_influx is not None:
+        if source is not None:
+            msg = "give either SOURCE or --from-influx, not both"
+            raise typer.BadParameter(msg)
+        if start is None or stop is None:
+            msg = "--from-influx needs --start and --stop"
+            raise typer.BadParameter(msg)
+        if packs is None:
+            msg = "InfluxDB holds no pack metadata: give --packs (a packs.parquet/.csv table, or a run folder)"
+            raise typer.BadParameter(msg)
+        influx_settings = settings.influx
+        auth = None
+        if influx_settings.username:
+            secret = influx_settings.password.get_secret_value() if influx_settings.password else ""
+            auth = (influx_settings.username, secret)
+        run = read_influx(
+            from_influx,
+            from_db,
+            site=site or settings.site,
+            start_ms=parse_time(start, now_ms=now_ms),
+            stop_ms=parse_time(stop, now_ms=now_ms),
+            packs=read_packs(packs),
+            auth=auth,
+        )
+    else:
+        if source is None:
+            msg = "give a SOURCE (run folder, .csv or .parquet file) or --from-influx URL"
+            raise typer.BadParameter(msg)
+        path = Path(source)
+        if path.is_dir():
+            run = open_run(path)
+            is_folder = True
+        elif path.is_file():
+            values: dict[str, object] = load_external_toml(meta) if meta is not None else {}
+            cli_values = {
+                "pack": pack,
+                "chemistry": chemistry,
+                "rated_capacity_ah": rated_ah,
+                "series_cells": series,
+                "parallel_cells": parallel,
+                "life": life,
+                "time_unit": time_unit,
+                "t0": t0,
+                "current_sign": current_sign,
+                "temp_c": temp_c,
+                "site": site,
+            }
+            values.update({k: v for k, v in cli_values.items() if v is not None})
+            table_mapping = values.pop("map", {})
+            columns = parse_mapping(mapping) if mapping else dict(table_mapping)  # type: ignore[call-overload]
+            spec_keys = {"pack", "chemistry", "rated_capacity_ah", "series_cells", "parallel_cells", "life", "oem"}
+            spec_keys |= {"rated_energy_kwh", "voltage_min_v", "voltage_max_v"}
+            spec_keys |= {"current_max_discharge_a", "current_max_charge_a"}
+            spec_values = {k: values.pop(k) for k in list(values) if k in spec_keys}
+            spec_values.setdefault("pack", re_module.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64])
+            spec = None
+            if {"chemistry", "rated_capacity_ah", "series_cells"} <= set(spec_values):
+                spec = PackSpec(**spec_values)  # type: ignore[arg-type]
+            elif {"chemistry", "rated_capacity_ah", "series_cells"} & set(spec_values):
+                lacking = {"chemistry", "rated_capacity_ah", "series_cells"} - set(spec_values)
+                msg = f"the pack's metadata lacks {', '.join(sorted(lacking))} (--chemistry, --rated-ah, --series)"
+                raise ReplayError(msg)
+            options = ExternalOptions(
+                mapping=columns,
+                pack=spec,
+                packs=read_packs(packs) if packs is not None else None,
+                **values,  # type: ignore[arg-type]
+            )
+            run = read_external(path, options)
+        else:
+            msg = f"{source}: no such run folder or file"
+            raise ReplayError(msg)
+        if start is not None or stop is not None:
+            first = source_span(run)[0] if any(t.strip().startswith("+") for t in (start or "", stop or "")) else None
+            run = between(
+                run,
+                parse_time(start, now_ms=now_ms, first_ms=first) if start else None,
+                parse_time(stop, now_ms=now_ms, first_ms=first) if stop else None,
+            )
+        if site is not None and is_folder:
+            run = with_site(run, site)
+    if shift_to_now:
+        first_ms, last_ms = source_span(run)
+        if first_ms is None or last_ms is None:
+            msg = "the source holds no telemetry to shift"
+            raise ReplayError(msg)
+        anchor = first_ms if to_mqtt is not None else last_ms
+        run = shifted(run, (now_ms - anchor) // 3_600_000 * 3_600_000)  # whole hours: the aging chunks' grid
+
+    # ---- onto MQTT
+    if to_mqtt is not None:
+        from twin.publish_replay import PublishOptions, publish_run
+
+        pace = None if speed.strip().lower() in ("max", "inf") else float(speed)
+        publish_options = PublishOptions(speed=pace, connections=connections)
+        mqtt_settings = settings.mqtt.model_copy(update={"url": to_mqtt})
+        console.print(
+            f"publishing [bold]{run.site}[/]: {run.meta.height} packs, about {run.telemetry_rows:,} telemetry rows "
+            f"-> {to_mqtt} at {'full speed' if pace is None else f'{pace:g}x'}",
+            highlight=False,
+        )
+        with bar() as progress_bar:
+            task = progress_bar.add_task("publishing", total=run.telemetry_rows)
+            stats = publish_run(
+                run,
+                mqtt_settings,
+                options=publish_options,
+                progress=lambda done: progress_bar.update(task, completed=done),
+            )
+        kinds = ", ".join(f"{k} {n:,}" for k, n in sorted(stats.messages.items()))
+        span = ((stats.last_ms or 0) - (stats.first_ms or 0)) / 1000.0
+        console.print(
+            f"done: {stats.total:,} messages ({kinds}) of {stats.packs} packs, {span:,.0f} s of event time, "
+            f"in {stats.wall_s:.1f} s ({stats.total / max(stats.wall_s, 1e-9):,.0f} msg/s); "
+            f"at most {stats.behind_s:.2f} s behind the pacing",
+            highlight=False,
+        )
+        return
+
+    # ---- offline, into Parquet and/or InfluxDB
+    sink = None
+    writer = None
+    if influx is not None:
+        from twin.io.influx import RetryPolicy, make_writer
+        from twin.publish_replay import InfluxSink
+
+        out_influx = settings.influx.model_copy(
+            update={"url": influx, "database": influx_db or settings.influx.database}
+        )
+        writer = make_writer(out_influx)
+        create = getattr(writer, "create_database", None)
+        if callable(create):
+            create()
+        engine = None
+        if settings.alerts.enabled:
+            from twin.alerts import AlertEngine, AlertOptions
+
+            engine = AlertEngine(AlertOptions.from_settings(settings, site=run.site))
+        policy = RetryPolicy(max_s=out_influx.retry_max_s, deadline_s=120.0)
+        sink = InfluxSink(writer, run.site, policy=policy, alerts=engine)
+    if out is None and influx is None:
+        out = run.path if is_folder else run.path.with_name(run.path.stem + "-replay")
+    speedup = _aging_speedup(run.path)
+    if speedup != 1.0:
+        console.print(
+            f"the run's packs age {speedup:g} times faster than real time (emulate --aging-speedup): "
+            "so does the twin's aging model"
+        )
+    core_options = CoreOptions.from_settings(settings, site=run.site, aging_clock_scale=speedup)
+    # Offline, the alerts go beside the estimates (alerts.parquet), for `mgtwin evaluate`.
+    from twin.alerts import AlertEngine, AlertOptions, alerts_frame
+    from twin.contract import Alert
+
+    alert_engine = AlertEngine(AlertOptions.from_settings(settings, site=run.site)) if settings.alerts.enabled else None
+    alerts_seen: list[Alert] = []
+
+    def on_window(window: ReplayWindow) -> None:
+        if sink is not None:
+            sink.on_window(window)
+        if alert_engine is not None and out is not None:
+            alerts_seen.extend(
+                alert_engine.update(
+                    window.ingested.telemetry,
+                    core=window.core,
+                    now_ms=window.now_ms,
+                    site=window.decoded.site,
+                    status=window.decoded.status,
+                )
+            )
+
+    console.print(f"replaying [bold]{run.site}[/]: {run.meta.height} packs, {run.telemetry_rows:,} telemetry rows")
+    started = time_module.perf_counter()
+    try:
+        with bar() as progress_bar:
+            task = progress_bar.add_task("replaying", total=run.telemetry_rows)
+            result = replay_run(
+                run,
+                core_options=core_options,
+                options=ReplayOptions(every_s=parse_duration(every)),
+                progress=lambda done: progress_bar.update(task, completed=done),
+                on_window=on_window,
+            )
+            if sink is not None:
+                cells_task = progress_bar.add_task("writing cells", total=None)
+                sink.write_cells(run, progress=lambda done: progress_bar.update(cells_task, completed=done))
+                sink.flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    wall_s = time_module.perf_counter() - started
     info = result.info
+    paths = write_outputs(result, out) if out is not None else []
+    if out is not None and alert_engine is not None:
+        paths.append(out / "alerts.parquet")
+        alerts_frame(alerts_seen).write_parquet(paths[-1])
+    quality = info["quality"]
+    span_s = ((info["end_ms"] or 0) - (info["start_ms"] or 0)) / 1000.0
     console.print(
         f"done: {info['telemetry_rows']:,} rows of {info['packs']} packs in {info['wall_s']:.1f} s "
-        f"({info['rows_per_s'] or 0:,} pack-samples/s), {info['windows']} windows; "
-        f"duplicates {info['quality']['duplicate']}, late {info['quality']['late']}"
+        f"({info['rows_per_s'] or 0:,} pack-samples/s), {info['windows']} windows, {span_s:,.0f} s of event time; "
+        f"duplicates {quality['duplicate']}, late {quality['late']}",
+        highlight=False,
     )
-    for path in paths:
-        console.print(f"  {path}")
+    rejects = {k: v for k, v in quality.items() if k not in ("duplicate", "late") and v}
+    rejects.update({k: v for k, v in getattr(run, "notes", {}).items() if v})
+    skipped = getattr(run, "skipped", ())
+    if skipped:
+        rejects["unreadable_parts"] = len(skipped)
+    if sink is not None and sink.rejected_writes:
+        rejects["influx_rejected_writes"] = sink.rejected_writes
+    console.print(
+        "rejects: " + (", ".join(f"{k} {v:,}" for k, v in sorted(rejects.items())) or "none"), highlight=False
+    )
+    if sink is not None:
+        points = sum(sink.points.values())
+        detail = ", ".join(f"{k} {v:,}" for k, v in sorted(sink.points.items()))
+        console.print(
+            f"InfluxDB {influx} / {influx_db or settings.influx.database}: {points:,} points ({detail}) "
+            f"in {wall_s:.1f} s "
+            f"({points / max(wall_s, 1e-9):,.0f} points/s), {sink.retries} retries",
+            highlight=False,
+        )
+    for p in paths:
+        console.print(f"  {p}")
 
 
 @app.command()
@@ -297,10 +780,19 @@ def evaluate(
     twin's P5-P95 band. Errors are fractions in --json (0.012 = 1.2 %). Plots of estimate
     against truth with the bands, for the site and the worst packs, go beside the estimates.
     """
+    import polars as pl
+
     from twin.evaluate import EvaluateOptions, evaluate_run, plot_run
 
     options = EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
     scores = evaluate_run(run_dir, estimates_dir=estimates, options=options)
+    if (run_dir / "faults.parquet").is_file():
+        from twin.alerts import alerts_from_run
+        from twin.evaluate import alert_scores
+
+        saved = (estimates or run_dir) / "alerts.parquet"
+        alerts = pl.read_parquet(saved) if saved.is_file() else alerts_from_run(run_dir)
+        scores.update(alert_scores(run_dir, alerts))
     files = plot_run(run_dir, estimates or run_dir, estimates_dir=estimates, options=options) if plots else []
     if as_json:
         sys.stdout.write(json.dumps({**scores, "plots": [str(f) for f in files]}, sort_keys=True) + "\n")
@@ -314,6 +806,18 @@ def evaluate(
     for chem, value in (scores["soc_rmse_by_chemistry"] or {}).items():
         table.add_row(f"  {chem}", pct(value), pct((scores["soc_rmse_bms_by_chemistry"] or {}).get(chem)))
     table.add_row("pack energy to floor MAPE", pct(scores["pack_energy_mape"]), "")
+    table.add_row("SoH MAE (points)", pct(scores.get("soh_mae")), pct(scores.get("soh_mae_bms")))
+    table.add_row("capacity MAPE", pct(scores.get("capacity_mape")), "")
+    table.add_row("resistance MAPE", pct(scores.get("resistance_mape")), "")
+    table.add_row(
+        "RUL MAPE / P5-P95 coverage", f"{pct(scores.get('rul_mape'))} / {pct(scores.get('rul_band_coverage'))}", ""
+    )
+    if "alerts_precision" in scores:
+        table.add_row(
+            "alerts precision / recall", f"{pct(scores['alerts_precision'])} / {pct(scores['alerts_recall'])}", ""
+        )
+        delay = scores.get("alert_delay_s_median")
+        table.add_row("alert delay, median", "-" if delay is None else f"{float(delay):.0f} s", "")
     for name in ("energy", "runtime", "ridethrough"):
         table.add_row(f"site {name} MAPE", pct(scores[f"{name}_mape"]), "")
         table.add_row(f"site {name} P5-P95 coverage", pct(scores[f"{name}_band_coverage"]), "")
@@ -324,6 +828,84 @@ def evaluate(
     )
     for f in files:
         console.print(f"plot: {f}")
+
+
+@app.command()
+def rul(
+    file: Annotated[Path, typer.Argument(help="Capacity checkups: a CSV or Parquet table, per cell or pack.")],
+    mapping: Annotated[
+        str,
+        typer.Option(
+            "--map",
+            help="Our names = your columns: cycle=...,capacity_ah=...[,cell=...][,time_s=...] (or soh=... "
+            "instead of capacity_ah).",
+        ),
+    ],
+    eol: Annotated[float, typer.Option("--eol", help="End-of-life threshold, capacity over rated.")] = 0.7,
+    rated_ah: Annotated[
+        float | None, typer.Option("--rated-ah", help="Rated capacity, Ah (default: each series' first checkup).")
+    ] = None,
+    chemistry: Annotated[
+        str | None, typer.Option(help="Cell chemistry (nmc811, nmc532, lfp, lmo): its aging law shapes the fit.")
+    ] = None,
+    fit_fraction: Annotated[float, typer.Option(help="Share of each series the model is fitted on.")] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+) -> None:
+    """Forecast when each series' capacity crosses --eol, from the first part of its checkups.
+
+    Fits a BLAST-style power law in cycles (knee-aware) on the first --fit-fraction of each
+    series, forecasts the crossing with P5/P50/P95 (residual bootstrap) and, where the later
+    checkups show the crossing, reports the error. Cycles are in the file's units; a time_s
+    column is reported in days.
+    """
+    from twin.rul import RulOptions, checkup_table, parse_mapping, read_checkups, rul_report
+
+    try:
+        columns = parse_mapping(mapping)
+        options = RulOptions(eol_soh=eol, fit_fraction=fit_fraction, rated_ah=rated_ah, chemistry=chemistry)
+        table = checkup_table(read_checkups(file), columns, options)
+        report = rul_report(table, options, x_unit="cycle" if "cycle" in columns else "day")
+    except TwinError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from exc
+    if as_json:
+        sys.stdout.write(json.dumps({"file": str(file), **report}, sort_keys=True) + "\n")
+        return
+
+    def num(value: object, fmt: str = ".0f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    unit = report["x_unit"]
+    table_out = Table(
+        "series",
+        "fitted",
+        f"P5 ({unit})",
+        "P50",
+        "P95",
+        "actual",
+        "RUL error",
+        "model",
+        title=f"{file}: capacity to {eol:.0%} of rated, fitted on the first {fit_fraction:.0%}",
+    )
+    for s in report["series"]:
+        err = s["rul_relative_error"]
+        table_out.add_row(
+            s["series"],
+            f"{s['fit_points']}/{s['points']} to {s['x_fit_end']:.0f}",
+            num(s["eol_p5"]),
+            num(s["eol_p50"]),
+            num(s["eol_p95"]),
+            num(s["actual"]),
+            "-" if err is None else f"{err:+.1%}",
+            f"{s['model']} p={s['exponent']:.2f}",
+        )
+    console.print(table_out)
+    summary = report["summary"]
+    if summary["scored"]:
+        console.print(
+            f"{summary['scored']} of {summary['series']} series cross in the data: RUL MAPE "
+            f"{summary['rul_mape']:.1%}, P5-P95 coverage {summary['coverage_p5_p95']:.0%}"
+        )
 
 
 @app.command()
@@ -441,6 +1023,12 @@ def emulate(
             figures = {"wall_s": 0.0, "steps": float(emulation.steps_done), "pack_steps_per_s": 0.0}
         finally:
             sink.close(run_info(emulation))
+    if out is not None and truth:
+        from emulators.eol import write_eol_truth
+        from emulators.faults_truth import write_faults
+
+        write_faults(emulation, out)  # after the run: a randomly drawn weak cell is known once applied
+        write_eol_truth(emulation, out)
     console.print(
         f"done: {int(figures['steps'])} steps of {options.dt_s:g} s for {emulation.fleet.n_packs} packs in "
         f"{figures['wall_s']:.1f} s ({figures['pack_steps_per_s']:,.0f} pack-steps/s)"

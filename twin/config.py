@@ -50,7 +50,10 @@ from twin.contract import IDENTIFIER_PATTERN
 from twin.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_CHEMISTRY_ALERTS",
     "ENV_PREFIX",
+    "AlertSettings",
+    "ChemistryAlertSettings",
     "EstimationSettings",
     "HealthSettings",
     "InfluxSettings",
@@ -122,6 +125,14 @@ class MqttSettings(_WithSecrets):
     tls_key_file: Path | None = None
     reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+    # After the broker handed our session to another client with the same id (MQTT 5 "session
+    # taken over"), wait this long before reconnecting, so two copies cannot kick each other in a loop.
+    takeover_backoff_s: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    # Follow the broker's $SYS dropped-messages counter: export it, alert when it grows.
+    broker_stats: bool = True
+    # Folder of the single-instance lock (one lock file per client id and broker); default
+    # $XDG_RUNTIME_DIR/mgtwin, else mgtwin-<uid> in the temporary folder.
+    lock_dir: Path | None = None
 
     @field_validator("url")
     @classmethod
@@ -191,6 +202,94 @@ class EstimationSettings(BaseModel):
     eol_soh_second_life: Annotated[float, Field(gt=0, lt=1)] = 0.60
 
 
+# --------------------------------------------------------------------------- alerts (issue 6)
+
+
+class ChemistryAlertSettings(BaseModel):
+    """Alert thresholds of one cell chemistry; cell voltages are per series cell group.
+
+    The defaults are warning levels inside the cells' limits (:mod:`twin.chemistry`: NMC and
+    LMO 2.5-3.0 to 4.2 V, LFP 2.0 to 3.6 V), so the twin warns before a BMS trips.
+    ``imbalance_v`` bounds the extreme cell's deviation from the pack's mean cell voltage;
+    the defaults sit above the natural spread of the emulated packs (second-life nmc532 up
+    to 0.09 V, lmo 0.06 V, nmc811 and lfp under 0.03 V at cell level) and below a weak
+    cell's (0.11-0.16 V).
+    """
+
+    model_config = _Section
+    cell_overvoltage_v: Annotated[float, Field(gt=0, le=5.5)] = 4.20
+    cell_undervoltage_v: Annotated[float, Field(gt=0, le=5.5)] = 3.00
+    cell_voltage_hysteresis_v: Annotated[float, Field(ge=0, le=1)] = 0.05
+    over_temperature_c: Annotated[float, Field(gt=-60, le=200)] = 50.0
+    temperature_hysteresis_c: Annotated[float, Field(ge=0, le=50)] = 3.0
+    temperature_rise_c_per_min: Annotated[float, Field(gt=0, le=100)] = 1.0
+    current_limit_factor: Annotated[float, Field(gt=0, le=10)] = 1.05
+    imbalance_v: Annotated[float, Field(gt=0, le=2)] = 0.08
+    imbalance_hysteresis_v: Annotated[float, Field(ge=0, le=1)] = 0.02
+
+    @model_validator(mode="after")
+    def _check(self) -> ChemistryAlertSettings:
+        if self.cell_undervoltage_v + self.cell_voltage_hysteresis_v >= self.cell_overvoltage_v:
+            msg = "cell_undervoltage_v plus the hysteresis must stay below cell_overvoltage_v"
+            raise ValueError(msg)
+        if self.imbalance_hysteresis_v >= self.imbalance_v:
+            msg = "imbalance_hysteresis_v must be smaller than imbalance_v"
+            raise ValueError(msg)
+        return self
+
+
+#: Per-chemistry defaults; "default" serves a pack whose chemistry is unknown or not listed.
+DEFAULT_CHEMISTRY_ALERTS: Final[dict[str, dict[str, float]]] = {
+    "nmc811": {"cell_overvoltage_v": 4.20, "cell_undervoltage_v": 3.00, "imbalance_v": 0.06},
+    "nmc532": {"cell_overvoltage_v": 4.20, "cell_undervoltage_v": 3.00, "imbalance_v": 0.10},
+    "lmo": {"cell_overvoltage_v": 4.20, "cell_undervoltage_v": 3.00, "imbalance_v": 0.08},
+    "lfp": {"cell_overvoltage_v": 3.60, "cell_undervoltage_v": 2.50, "imbalance_v": 0.05},
+    "default": {"cell_overvoltage_v": 4.20, "cell_undervoltage_v": 2.50, "imbalance_v": 0.08},
+}
+
+
+class AlertSettings(BaseModel):
+    """Alerts: thresholds with hysteresis and minimum duration, residuals, data quality (see twin.alerts).
+
+    ``chemistry`` maps a chemistry name (or ``default``) to its thresholds. Entries given in
+    the file or the environment are merged field by field over the defaults, so
+    ``[alerts.chemistry.lfp]`` with ``imbalance_v = 0.05`` changes that one threshold.
+    """
+
+    model_config = _Section
+    enabled: bool = True
+    evaluate_every_s: Annotated[float, Field(ge=1, le=300)] = 10.0
+    min_duration_s: Annotated[float, Field(ge=0)] = 30.0
+    clear_duration_s: Annotated[float, Field(ge=0)] = 60.0
+    chemistry: dict[str, ChemistryAlertSettings] = Field(
+        default_factory=lambda: {k: ChemistryAlertSettings(**v) for k, v in DEFAULT_CHEMISTRY_ALERTS.items()}
+    )
+    stuck_after_s: Annotated[float, Field(gt=0)] = 300.0
+    telemetry_loss_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    thermal_residual_c: Annotated[float, Field(gt=0)] = 2.0
+    voltage_residual_v: Annotated[float, Field(gt=0)] = 0.02
+    energy_balance_fraction: Annotated[float, Field(gt=0, le=1)] = 0.002
+    energy_balance_min_w: Annotated[float, Field(ge=0)] = 500.0
+
+    @field_validator("chemistry", mode="before")
+    @classmethod
+    def _merge_defaults(cls, value: object) -> object:
+        if not isinstance(value, Mapping):
+            return value
+        merged: dict[str, object] = {k: dict(v) for k, v in DEFAULT_CHEMISTRY_ALERTS.items()}
+        for name, given in value.items():
+            entry = given.model_dump(exclude_unset=True) if isinstance(given, ChemistryAlertSettings) else given
+            base = merged.get(str(name), DEFAULT_CHEMISTRY_ALERTS["default"])
+            if isinstance(entry, Mapping) and isinstance(base, Mapping):
+                merged[str(name)] = {**base, **entry}
+            else:
+                merged[str(name)] = entry
+        return merged
+
+
+# --------------------------------------------------------------------------- end of alerts
+
+
 _toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
 
 
@@ -247,6 +346,7 @@ class Settings(BaseSettings):
     publish: PublishSettings = PublishSettings()
     health: HealthSettings = HealthSettings()
     estimation: EstimationSettings = EstimationSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -984,8 +984,9 @@ def _fleet() -> dict[str, Any]:
             [
                 _target(
                     "A",
-                    'SELECT count("knee") AS "packs" FROM (SELECT last("knee") AS "knee" FROM "pack_state" '
-                    f'WHERE {where} GROUP BY "pack") WHERE "knee" = true',
+                    # knee_onset_ms is written only for a pack past its knee: no data means none.
+                    'SELECT count("onset") AS "packs" FROM (SELECT last("knee_onset_ms") AS "onset" FROM "pack_state" '
+                    f'WHERE {where} GROUP BY "pack")',
                 )
             ],
             unit="short",

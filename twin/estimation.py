@@ -25,6 +25,8 @@ from numpy.typing import NDArray
 
 from twin.estimators.capacity import CapacityOptions, CapacityState, CapacityTracker
 from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook
+from twin.estimators.health import HealthOptions, HealthState, HealthTracker
+from twin.estimators.resistance import ResistanceOptions, ResistanceState, ResistanceTracker
 from twin.estimators.soc import PackInfo, SocEstimator, SocFlag, SocOptions, SocState
 
 __all__ = ["EstimationOptions", "EstimationSnapshot", "PackEstimates", "SiteEstimation", "expected_soh"]
@@ -52,6 +54,8 @@ class EstimationOptions:
     soc: SocOptions = field(default_factory=SocOptions)
     outlook: OutlookOptions = field(default_factory=OutlookOptions)
     capacity: CapacityOptions = field(default_factory=CapacityOptions)
+    resistance: ResistanceOptions = field(default_factory=ResistanceOptions)
+    health: HealthOptions = field(default_factory=HealthOptions)
     #: Relative standard deviation of the capacity prior: a new pack's rated capacity holds to
     #: a few per cent; a second-life pack's intake test was exact but it has aged since.
     capacity_prior_rel_std_new: float = 0.04
@@ -83,6 +87,16 @@ class PackEstimates:
     capacity_ah: F64  # usable capacity of the string (weakest-cell limited), Ah
     capacity_std_ah: F64
     rated_ah: F64
+    soh: F64  # the health tracker's SoH: the capacity estimates smoothed by the aging law
+    soh_std: F64
+    resistance_ohm: F64  # pack resistance normalised to 25 °C and 50 % SoC
+    resistance_growth: F64
+    rul_days_p5: F64
+    rul_days_p50: F64
+    rul_days_p95: F64
+    rul_efc_p50: F64
+    knee: B
+    knee_onset_ms: NDArray[np.int64]  # -1: none
     quality: list[list[str]]
 
 
@@ -91,8 +105,15 @@ class EstimationSnapshot:
     """Everything :class:`SiteEstimation` holds (see :meth:`SiteEstimation.snapshot`)."""
 
     meta: pl.DataFrame
+    full_meta: pl.DataFrame
     soc: SocState | None
     capacity: CapacityState | None
+    resistance: ResistanceState | None
+    health: HealthState | None
+    last_temp: F64
+    checkpoint_soc: F64
+    checkpoint_ah: F64
+    checkpoint_ms: int | None
     ah: F64
     last_ts: NDArray[np.int64]
     last_i: F64
@@ -113,6 +134,13 @@ class SiteEstimation:
         self.soc: SocEstimator | None = None
         self.energy: EnergyPacks | None = None
         self.capacity: CapacityTracker | None = None
+        self.resistance: ResistanceTracker | None = None
+        self.health: HealthTracker | None = None
+        self.full_meta = pl.DataFrame()  # the meta rows as received (every contract column), in pack order
+        self._last_temp = np.zeros(0)
+        self._checkpoint_soc = np.zeros(0)  # SoC at the last checkpoint: the resistance's SoC factor until the next
+        self._checkpoint_ah = np.zeros(0)
+        self._checkpoint_ms: int | None = None
         self.counters: dict[str, int] = {"no_meta": 0, "capacity_checkpoints": 0}
         # Coulomb count per pack (measured current held over each interval), A·h, and the
         # last sample it reached; the next capacity checkpoint on the event-time grid.
@@ -154,8 +182,14 @@ class SiteEstimation:
             .sort("_o", "_n")
             .drop("_o", "_n")
         )
+        full = meta.drop("msg", strict=False).group_by("pack", maintain_order=True).last()
+        if self.full_meta.height:
+            full = pl.concat(
+                [self.full_meta.join(full.select("pack"), on="pack", how="anti"), full], how="diagonal_relaxed"
+            )
         if merged.equals(self.meta):
             return
+        self.full_meta = merged.select("pack").join(full, on="pack", how="left", maintain_order="left")
         self._rebuild(merged)
 
     def _rebuild(self, meta: pl.DataFrame) -> None:
@@ -178,10 +212,18 @@ class SiteEstimation:
             self.capacity = CapacityTracker(prior, o.capacity, rel)
         else:
             self.capacity = self.capacity.grown(prior, keep, keep, rel)
+        self.resistance = (
+            ResistanceTracker(info, o.resistance) if self.resistance is None else self.resistance.grown(info)
+        )
+        full = self.full_meta if self.full_meta.height == meta.height else meta
+        self.health = HealthTracker(full, o.health) if self.health is None else self.health.grown(full)
         grow = prior.size - n_old
         self._ah = np.concatenate([self._ah, np.zeros(grow)])
         self._last_ts = np.concatenate([self._last_ts, np.full(grow, -1, dtype=np.int64)])
         self._last_i = np.concatenate([self._last_i, np.zeros(grow)])
+        self._last_temp = np.concatenate([self._last_temp, np.full(grow, np.nan)])
+        self._checkpoint_soc = np.concatenate([self._checkpoint_soc, np.full(grow, 0.5)])
+        self._checkpoint_ah = np.concatenate([self._checkpoint_ah, np.zeros(grow)])
         self.meta = meta
 
     def update(self, telemetry: pl.DataFrame) -> None:
@@ -220,12 +262,14 @@ class SiteEstimation:
         if rows.height == 0:
             return
         assert self.soc is not None
+        assert self.resistance is not None
         self.soc.update(rows)
+        self.resistance.update(rows, soc=self._checkpoint_soc)
         # Coulomb count: per pack, in time order, the previous sample's current over each
         # interval (as the filter holds it); rows not newer than the pack's last are skipped.
         index = pl.DataFrame({"pack": self.meta.get_column("pack"), "_p": np.arange(self.meta.height)})
         frame = (
-            rows.select("pack", "ts_ms", "current_a")
+            rows.select("pack", "ts_ms", "current_a", "temp_avg_c")
             .join(index, on="pack", how="inner")
             .sort("_p", "ts_ms")
             .unique(subset=["_p", "ts_ms"], keep="first", maintain_order=True)
@@ -233,8 +277,9 @@ class SiteEstimation:
         p = frame.get_column("_p").to_numpy()
         t = frame.get_column("ts_ms").to_numpy()
         i = frame.get_column("current_a").to_numpy().astype(np.float64)
+        temp = frame.get_column("temp_avg_c").to_numpy().astype(np.float64)
         newer = t > self._last_ts[p]
-        p, t, i = p[newer], t[newer], i[newer]
+        p, t, i, temp = p[newer], t[newer], i[newer], temp[newer]
         if p.size == 0:
             return
         first = np.ones(p.size, dtype=np.bool_)
@@ -249,6 +294,8 @@ class SiteEstimation:
         self._last_ts[p[last]] = t[last]
         finite_i = np.where(np.isfinite(i), i, self._last_i[p])
         self._last_i[p[last]] = finite_i[last]
+        finite_t = np.where(np.isfinite(temp), temp, self._last_temp[p])
+        self._last_temp[p[last]] = finite_t[last]
 
     def _checkpoint(self, at_ms: int) -> None:
         assert self.soc is not None
@@ -264,6 +311,26 @@ class SiteEstimation:
             current_offset_a=np.asarray(e.current_offset_a, dtype=np.float64),
             valid=fresh,
         )
+        assert self.health is not None
+        assert self.resistance is not None
+        cap = self.capacity.estimate()
+        prev_ms = self._checkpoint_ms if self._checkpoint_ms is not None else at_ms - grid
+        hours = max(at_ms - prev_ms, 1) / 3_600_000.0
+        soc_now = np.asarray(e.soc_usable, dtype=np.float64)
+        known = np.isfinite(soc_now) & np.isfinite(self._last_temp)
+        self.health.checkpoint(
+            ts_ms=at_ms,
+            soc=np.where(known, soc_now, 0.5),
+            temp_c=np.where(known, self._last_temp, 25.0),
+            current_a=(self._ah - self._checkpoint_ah) / hours,
+            capacity_ah=np.where(cap.pairs > 0, cap.capacity_ah, np.nan),  # the prior alone is not data
+            capacity_std_ah=cap.capacity_std_ah,
+            valid=fresh & known,
+            resistance_ohm_25c=np.asarray(self.resistance.estimate().resistance_ohm_25c, dtype=np.float64),
+        )
+        self._checkpoint_soc = np.where(fresh & np.isfinite(soc_now), soc_now, self._checkpoint_soc)
+        self._checkpoint_ah = self._ah.copy()
+        self._checkpoint_ms = at_ms
         self.counters["capacity_checkpoints"] += 1
 
     # ------------------------------------------------------------------ outputs
@@ -272,8 +339,15 @@ class SiteEstimation:
         """Return the whole estimation state (immutable: arrays are copied), to resume exactly here."""
         return EstimationSnapshot(
             meta=self.meta.clone(),
+            full_meta=self.full_meta.clone(),
             soc=self.soc.snapshot() if self.soc is not None else None,
             capacity=self.capacity.snapshot() if self.capacity is not None else None,
+            resistance=self.resistance.snapshot() if self.resistance is not None else None,
+            health=self.health.snapshot() if self.health is not None else None,
+            last_temp=self._last_temp.copy(),
+            checkpoint_soc=self._checkpoint_soc.copy(),
+            checkpoint_ah=self._checkpoint_ah.copy(),
+            checkpoint_ms=self._checkpoint_ms,
             ah=self._ah.copy(),
             last_ts=self._last_ts.copy(),
             last_i=self._last_i.copy(),
@@ -284,8 +358,10 @@ class SiteEstimation:
     def restore(self, snap: EstimationSnapshot) -> None:
         """Resume from :meth:`snapshot` (of an estimation with the same options)."""
         self.meta = pl.DataFrame(schema=_META_SCHEMA)
-        self.soc = self.energy = self.capacity = None
+        self.soc = self.energy = self.capacity = self.resistance = self.health = None
         self._ah, self._last_ts, self._last_i = np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0)
+        self._last_temp, self._checkpoint_soc, self._checkpoint_ah = np.zeros(0), np.zeros(0), np.zeros(0)
+        self.full_meta = snap.full_meta.clone()
         if snap.meta.height:
             self._rebuild(snap.meta)
             assert self.soc is not None
@@ -294,8 +370,16 @@ class SiteEstimation:
                 self.soc.restore(snap.soc)
             if snap.capacity is not None:
                 self.capacity.restore(snap.capacity)
+            if snap.resistance is not None and self.resistance is not None:
+                self.resistance.restore(snap.resistance)
+            if snap.health is not None and self.health is not None:
+                self.health.restore(snap.health)
         self._ah, self._last_ts, self._last_i = snap.ah.copy(), snap.last_ts.copy(), snap.last_i.copy()
         self._next_checkpoint_ms = snap.next_checkpoint_ms
+        self._last_temp = snap.last_temp.copy()
+        self._checkpoint_soc = snap.checkpoint_soc.copy()
+        self._checkpoint_ah = snap.checkpoint_ah.copy()
+        self._checkpoint_ms = snap.checkpoint_ms
         self.counters = dict(snap.counters)
 
     def packs(self, *, now_ms: int) -> PackEstimates | None:
@@ -309,7 +393,13 @@ class SiteEstimation:
         ]  # per pack, publish cadence
         assert self.capacity is not None
         assert self.energy is not None
+        assert self.resistance is not None
+        assert self.health is not None
         cap = self.capacity.estimate()
+        res = self.resistance.estimate()
+        health = self.health.estimate()
+        rated = np.asarray(self.energy.rated_group_ah, dtype=np.float64)
+        learnt = np.asarray(health.soh, dtype=np.float64)
         return PackEstimates(
             pack_ids=e.pack_ids,
             soc=np.asarray(e.soc_usable, dtype=np.float64),
@@ -319,7 +409,19 @@ class SiteEstimation:
             current_offset_a=np.asarray(e.current_offset_a, dtype=np.float64),
             capacity_ah=cap.capacity_ah,
             capacity_std_ah=cap.capacity_std_ah,
-            rated_ah=np.asarray(self.energy.rated_group_ah, dtype=np.float64),
+            rated_ah=rated,
+            soh=np.where(np.isfinite(learnt), learnt, cap.capacity_ah / rated),
+            soh_std=np.where(
+                np.isfinite(learnt), np.asarray(health.soh_std, dtype=np.float64), cap.capacity_std_ah / rated
+            ),
+            resistance_ohm=np.asarray(res.resistance_ohm_25c, dtype=np.float64),
+            resistance_growth=np.asarray(res.growth, dtype=np.float64),
+            rul_days_p5=np.asarray(health.rul_days_p5, dtype=np.float64),
+            rul_days_p50=np.asarray(health.rul_days_p50, dtype=np.float64),
+            rul_days_p95=np.asarray(health.rul_days_p95, dtype=np.float64),
+            rul_efc_p50=np.asarray(health.rul_efc_p50, dtype=np.float64),
+            knee=np.asarray(health.knee, dtype=np.bool_),
+            knee_onset_ms=np.asarray(health.knee_onset_ms, dtype=np.int64),
             quality=quality,
         )
 

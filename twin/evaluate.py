@@ -33,7 +33,7 @@ import polars as pl
 from twin.errors import TwinError
 from twin.replay import ESTIMATES_FILE, SITE_ESTIMATES_FILE
 
-__all__ = ["EvaluateError", "EvaluateOptions", "evaluate_run", "plot_run"]
+__all__ = ["EvaluateError", "EvaluateOptions", "alert_scores", "evaluate_run", "plot_run"]
 
 #: Keys of the JSON summary this module always fills (null when there is nothing to score).
 KEYS: Final = (
@@ -49,6 +49,12 @@ KEYS: Final = (
     "runtime_band_coverage",
     "ridethrough_mape",
     "ridethrough_band_coverage",
+    "soh_mae",
+    "soh_mae_bms",
+    "capacity_mape",
+    "resistance_mape",
+    "rul_mape",
+    "rul_band_coverage",
 )
 
 
@@ -105,7 +111,17 @@ def load_pairs(
     )
     packs = (
         est.filter(pl.col("ts_ms") >= since)
-        .select("ts_ms", "pack", "chemistry", "life", "online", "soc", "soc_std", "energy_to_floor_kwh")
+        .select(
+            "ts_ms",
+            "pack",
+            "chemistry",
+            "life",
+            "online",
+            "soc",
+            "soc_std",
+            "energy_to_floor_kwh",
+            *[c for c in ("capacity_ah", "soh", "soh_bms", "resistance_ohm") if c in est.columns],
+        )
         .sort("ts_ms")
         .join_asof(
             truth.select(
@@ -114,6 +130,9 @@ def load_pairs(
                 pl.col("soc").alias("soc_true"),
                 pl.col("energy_to_floor_kwh").alias("energy_true"),
                 pl.col("available").alias("available_true"),
+                pl.col("capacity_ah").alias("capacity_true"),
+                pl.col("soh").alias("soh_true"),
+                pl.col("r0_ohm_25c").alias("resistance_true"),
             ).sort("ts_ms"),
             on="ts_ms",
             by="pack",
@@ -189,6 +208,17 @@ def evaluate_run(
         out["soc_rmse_bms_by_chemistry"] = {r["chemistry"]: r["bms"] for r in by.iter_rows(named=True)}
         life = packs.group_by("life").agg(est=_rmse("soc", "soc_true"), bms=_rmse("soc_bms", "soc_true")).sort("life")
         out["soc_rmse_by_life"] = {str(r["life"]): r["est"] for r in life.iter_rows(named=True)}
+        if "soh" in packs.columns:
+            health = packs.select(
+                soh=(pl.col("soh") - pl.col("soh_true")).abs().mean(),
+                bms=(pl.col("soh_bms") - pl.col("soh_true")).abs().mean(),
+                cap=_ape("capacity_ah", "capacity_true").mean(),
+            ).row(0, named=True)
+            out["soh_mae"], out["soh_mae_bms"], out["capacity_mape"] = health["soh"], health["bms"], health["cap"]
+        if "resistance_ohm" in packs.columns:
+            out["resistance_mape"] = packs.select(_ape("resistance_ohm", "resistance_true").mean()).item()
+    rul = _rul_scores(run, estimates_dir or run)
+    out.update(rul)
     for name, est, true, p5, p95 in (
         (
             "energy",
@@ -209,6 +239,33 @@ def evaluate_run(
     out["site_rows_scored"] = site.height
     out["skip_s"] = options.skip_s
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def _rul_scores(run: Path, est_dir: Path) -> dict[str, Any]:
+    """RUL at the end of the run against the emulator's true time to end of life (eol_truth.parquet)."""
+    path = run / "eol_truth.parquet"
+    est_path = est_dir / ESTIMATES_FILE
+    if not path.is_file() or not est_path.is_file():
+        return {}
+    truth = pl.read_parquet(path).select("pack", pl.col("days_to_eol").alias("true_days"))
+    est = pl.read_parquet(est_path)
+    if "rul_days_p50" not in est.columns:
+        return {}
+    last = est.filter(pl.col("ts_ms") == pl.col("ts_ms").max()).select(
+        "pack", "rul_days_p5", "rul_days_p50", "rul_days_p95"
+    )
+    both = last.join(truth, on="pack").filter(
+        pl.col("true_days").is_finite() & (pl.col("true_days") > 0) & pl.col("rul_days_p50").is_not_null()
+    )
+    if both.height == 0:
+        return {"rul_packs": 0}
+    return {
+        "rul_mape": both.select(_ape("rul_days_p50", "true_days").mean()).item(),
+        "rul_band_coverage": both.select(
+            ((pl.col("true_days") >= pl.col("rul_days_p5")) & (pl.col("true_days") <= pl.col("rul_days_p95"))).mean()
+        ).item(),
+        "rul_packs": both.height,
+    }
 
 
 def worst_packs(packs: pl.DataFrame, n: int = 6) -> list[str]:
@@ -313,3 +370,93 @@ def plot_run(
     fig.savefig(files[-1], dpi=90)
     plt.close(fig)
     return files
+
+
+# --------------------------------------------------------------------------- alerts (issue 6)
+
+
+def alert_scores(run: Path, alerts: pl.DataFrame, *, grace_s: float = 600.0) -> dict[str, Any]:
+    """Score alerts against the faults the emulator injected (``faults.parquet``, written with ``--truth``).
+
+    Matching: a raised alert detects a fault when it names the fault's pack (a site-level
+    alert, without a pack, may detect a fault on any pack), its kind is one that detects the
+    fault's kind (:data:`twin.alerts.FAULT_ALERT_KINDS`), and it is raised within the
+    fault's window or within ``grace_s`` of its start, whichever ends later (a short
+    fault may end before its minimum duration has passed). Precision is the share of raised
+    alerts that detect some fault; recall the share of (fault, pack) windows detected;
+    the delay runs from a window's start to its first detecting alert.
+
+    Args:
+        run: the run folder (with ``faults.parquet``).
+        alerts: the alerts (the contract's Alert columns; only ``state == "raised"`` count),
+            e.g. from :func:`twin.alerts.alerts_from_run`.
+        grace_s: how long after a fault's start an alert still counts when the fault is shorter.
+
+    Returns:
+        ``alerts_precision``, ``alerts_recall``, ``alert_delay_s_median`` (None when there is
+        nothing to score), counts, and per fault kind: windows, detected, median delay and
+        the alert kinds that detected it.
+
+    Raises:
+        EvaluateError: no ``faults.parquet`` in the run folder.
+    """
+    from twin.alerts import FAULT_ALERT_KINDS
+
+    faults = pl.read_parquet(_need(run / "faults.parquet", "emulate with --truth to write the injected faults"))
+    raised = alerts.filter(pl.col("state") == "raised").select(
+        pl.int_range(pl.len()).alias("alert"),
+        pl.col("ts_ms").cast(pl.Int64),
+        pl.col("kind").cast(pl.String).alias("alert_kind"),
+        pl.col("pack").cast(pl.String).alias("alert_pack"),
+    )
+    windows = faults.select(
+        pl.int_range(pl.len()).alias("window"),
+        "pack",
+        pl.col("kind").alias("fault_kind"),
+        "start_ms",
+        pl.max_horizontal("end_ms", pl.col("start_ms") + round(grace_s * 1000)).alias("until_ms"),
+    )
+    detects = pl.DataFrame(
+        [(f, a) for f, kinds in FAULT_ALERT_KINDS.items() for a in sorted(kinds)],
+        schema={"fault_kind": pl.String, "alert_kind": pl.String},
+        orient="row",
+    )
+    matches = (
+        raised.join(detects, on="alert_kind", how="inner")
+        .join(windows, on="fault_kind", how="inner")
+        .filter(
+            (pl.col("alert_pack").is_null() | (pl.col("alert_pack") == pl.col("pack")))
+            & (pl.col("ts_ms") >= pl.col("start_ms"))
+            & (pl.col("ts_ms") <= pl.col("until_ms"))
+        )
+    )
+    first = matches.group_by("window").agg(
+        (pl.col("ts_ms").min() - pl.col("start_ms").first()).alias("delay_ms"),
+        pl.col("alert_kind").unique().sort().alias("alert_kinds"),
+    )
+    per_window = windows.join(first, on="window", how="left")
+    true_alerts = matches["alert"].n_unique() if matches.height else 0
+    detected = per_window.filter(pl.col("delay_ms").is_not_null())
+    delays = detected["delay_ms"].cast(pl.Float64) / 1000.0
+    by_kind: dict[str, Any] = {}
+    for kind in sorted(set(windows["fault_kind"].to_list())):  # a handful of kinds
+        part = per_window.filter(pl.col("fault_kind") == kind)
+        hit = part.filter(pl.col("delay_ms").is_not_null())
+        by_kind[kind] = {
+            "windows": part.height,
+            "detected": hit.height,
+            "delay_s_median": float(hit["delay_ms"].median()) / 1000.0 if hit.height else None,  # type: ignore[arg-type]
+            "alert_kinds": sorted({k for ks in hit["alert_kinds"].to_list() for k in ks}),
+        }
+    out: dict[str, Any] = {
+        "alerts_precision": true_alerts / raised.height if raised.height else None,
+        "alerts_recall": detected.height / windows.height if windows.height else None,
+        "alert_delay_s_median": float(delays.median()) if delays.len() else None,  # type: ignore[arg-type]
+        "alerts_raised": raised.height,
+        "alerts_true": true_alerts,
+        "fault_windows": windows.height,
+        "fault_windows_detected": detected.height,
+        "alerts_by_fault_kind": by_kind,
+        "alerts_grace_s": grace_s,
+    }
+    return out

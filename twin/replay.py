@@ -23,6 +23,7 @@ memory stays bounded by the batch and the estimates.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,9 +36,20 @@ import pyarrow.parquet as pq
 from twin import contract as c
 from twin.errors import TwinError
 from twin.pipeline import REJECTS_SCHEMA, Decoded, output_schema
-from twin.state import CoreOptions, TwinCore
+from twin.state import CoreOptions, IngestResult, TwinCore
 
-__all__ = ["ReplayError", "ReplayOptions", "ReplayResult", "RunFolder", "replay_run", "write_outputs"]
+__all__ = [
+    "PartsRunFolder",
+    "ReplayError",
+    "ReplayOptions",
+    "ReplayResult",
+    "ReplayWindow",
+    "RunFolder",
+    "open_run",
+    "replay_run",
+    "table_parts",
+    "write_outputs",
+]
 
 ESTIMATES_FILE: Final = "estimates.parquet"
 SITE_ESTIMATES_FILE: Final = "site_estimates.parquet"
@@ -118,6 +130,15 @@ class RunFolder:
         columns = [k for k in output_schema(c.PackTelemetry) if k != "msg"]
         parquet = pq.ParquetFile(self.path / "telemetry.parquet")
         present = [k for k in columns if k in parquet.schema_arrow.names]
+        meta = parquet.metadata
+        if all(meta.row_group(i).num_rows <= 4 * rows for i in range(meta.num_row_groups)):
+            # Whole row groups (the writers roll one per chunk): several times faster than
+            # re-batching, and memory stays bounded by the row group.
+            for i in range(meta.num_row_groups):
+                frame = pl.from_arrow(parquet.read_row_group(i, columns=present))
+                assert isinstance(frame, pl.DataFrame)
+                yield _conform(frame, c.PackTelemetry)
+            return
         for batch in parquet.iter_batches(batch_size=rows, columns=present):
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
@@ -139,6 +160,7 @@ def replay_run(
     core_options: CoreOptions | None = None,
     options: ReplayOptions = ReplayOptions(),
     progress: Callable[[int], None] | None = None,
+    on_window: Callable[[ReplayWindow], None] | None = None,
 ) -> ReplayResult:
     """Replay a run folder through a fresh :class:`TwinCore` and collect its views per window.
 
@@ -147,6 +169,8 @@ def replay_run(
         core_options: the core's options (default: ``CoreOptions(site=run.site)``).
         options: window length and batch size.
         progress: called with the number of telemetry rows read so far.
+        on_window: called after each window with what went through the core (for sinks that
+            write what the live service writes, e.g. InfluxDB); it must not change the core.
 
     Returns:
         The per-pack and per-site estimates and the replay's figures.
@@ -177,10 +201,12 @@ def replay_run(
         frames["site"] = _with_msg(site_w.get(w, empty_site))
         decoded = Decoded(rejects=pl.DataFrame(schema=REJECTS_SCHEMA), **frames)
         now_ms = start_ms + w * every_ms
-        core.ingest(decoded, now_ms=now_ms)
+        ingested = core.ingest(decoded, now_ms=now_ms)
         packs = core.pack_frame(now_ms, extended=True).rename({"ts_ms": "sample_ts_ms"})
         packs_out.append(packs.with_columns(pl.lit(now_ms, pl.Int64).alias("ts_ms")))
         site_out.append(core.site_frame(now_ms).with_columns(pl.lit(now_ms, pl.Int64).alias("ts_ms")))
+        if on_window is not None:
+            on_window(ReplayWindow(now_ms=now_ms, decoded=decoded, ingested=ingested, core=core))
 
     status_w: dict[int, pl.DataFrame] = {}
     site_w: dict[int, pl.DataFrame] = {}
@@ -218,6 +244,7 @@ def replay_run(
         for skipped in range(last_w + 1, w):
             run_window(skipped, carry.clear())
         run_window(w, carry)
+        last_w = w
     wall_s = time.perf_counter() - started
     estimates = pl.concat(packs_out, how="vertical_relaxed") if packs_out else pl.DataFrame()
     site_estimates = pl.concat(site_out, how="vertical_relaxed") if site_out else pl.DataFrame()
@@ -286,6 +313,8 @@ def _read_table(path: Path, model: type[c.Message], *, required: bool) -> pl.Dat
 def _conform(frame: pl.DataFrame, model: type[c.Message]) -> pl.DataFrame:
     """Select the model's columns in contract order and types; absent optional ones are null."""
     schema = {k: v for k, v in output_schema(model).items() if k != "msg"}
+    if frame.schema == pl.Schema(schema):
+        return frame  # already the contract's columns, order and types
     return frame.select(
         [pl.col(k).cast(t) if k in frame.columns else pl.lit(None, dtype=t).alias(k) for k, t in schema.items()]
     )
@@ -300,3 +329,165 @@ def _by_window(frame: pl.DataFrame, window: pl.Expr) -> dict[int, pl.DataFrame]:
         return {}
     parts = frame.with_columns(window).partition_by("_w", as_dict=True, maintain_order=True)
     return {int(k[0]): v.drop("_w") for k, v in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The rolled layout of `mgtwin record` (issue 7), and a hook for replay sinks.
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayWindow:
+    """One replay window as it went through the core, handed to ``replay_run(on_window=...)``.
+
+    Attributes:
+        now_ms: the window's end (event time): the "now" of its ingest and of its views.
+        decoded: the frames the core was given (as :func:`twin.pipeline.decode_batch` would give them).
+        ingested: what the core made of them (the accepted telemetry, tagged; rejects; counts).
+        core: the core after the window, to take views from; read it, never change it.
+    """
+
+    now_ms: int
+    decoded: Decoded
+    ingested: IngestResult
+    core: TwinCore
+
+
+#: Part files of a table in the rolled layout: ``{table}/part-000001.parquet``, ...
+PART_GLOB: Final = "part-*.parquet"
+_log = logging.getLogger(__name__)
+
+
+def table_parts(folder: Path, table: str) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+    """List the readable part files of one table of a rolled run folder, in order.
+
+    A part whose Parquet footer cannot be read (a file cut off by a crash or a full disk) is
+    skipped with a warning; files still being written (``.part-*.tmp``) are not listed.
+
+    Returns:
+        The readable parts and the skipped ones.
+    """
+    where = folder / table
+    if not where.is_dir():
+        return (), ()
+    good: list[Path] = []
+    bad: list[Path] = []
+    for part in sorted(where.glob(PART_GLOB)):
+        try:
+            pq.ParquetFile(part).close()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            _log.warning("skipping %s: not a complete Parquet file (%s)", part, exc)
+            bad.append(part)
+        else:
+            good.append(part)
+    return tuple(good), tuple(bad)
+
+
+def _read_parts(parts: tuple[Path, ...], model: type[c.Message]) -> pl.DataFrame:
+    if not parts:
+        return pl.DataFrame(schema={k: v for k, v in output_schema(model).items() if k != "msg"})
+    frames = []
+    for part in parts:
+        frame = pl.read_parquet(part)
+        _check_columns(frame.columns, model, part)
+        frames.append(_conform(frame, model))
+    return pl.concat(frames)
+
+
+@dataclass(frozen=True, slots=True)
+class PartsRunFolder(RunFolder):
+    """A run folder in the rolled layout that ``mgtwin record`` writes.
+
+    Each table is a folder of Parquet parts closed every few seconds
+    (``telemetry/part-000001.parquet``, ...), so a crash loses at most the part being written.
+    Parts that cannot be read are skipped with a warning (:attr:`skipped`); the rest is read.
+    The pack metadata keeps the last row of each pack (a recorder gets the retained meta again
+    at every reconnect); a status without a time (a last will seen before any telemetry) gets
+    the time of the status before it, or the recording's first event time.
+    """
+
+    telemetry_parts: tuple[Path, ...] = ()
+    skipped: tuple[Path, ...] = ()
+
+    @classmethod
+    def open_parts(cls, path: Path) -> PartsRunFolder:
+        """Open a rolled run folder.
+
+        Raises:
+            ReplayError: no readable telemetry part, or a part without the contract's columns.
+        """
+        tele, bad_tele = table_parts(path, "telemetry")
+        if not tele:
+            msg = f"{path}/telemetry holds no readable part: nothing to replay"
+            raise ReplayError(msg)
+        info: dict[str, Any] = {}
+        if (path / "run.json").is_file():
+            info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        skipped = list(bad_tele)
+        tables = {}
+        for table, model in (("packs", c.PackMeta), ("status", c.PackStatus), ("site", c.SiteTelemetry)):
+            parts, bad = table_parts(path, table)
+            skipped += bad
+            tables[table] = _read_parts(parts, model)
+        rows = 0
+        first_ms: int | None = None
+        for part in tele:
+            parquet = pq.ParquetFile(part)
+            names = parquet.schema_arrow.names
+            _check_columns(names, c.PackTelemetry, part)
+            rows += parquet.metadata.num_rows
+            lowest = _min_ts(parquet, names.index("ts_ms"))
+            if lowest is None:
+                found = pl.read_parquet(part, columns=["ts_ms"])["ts_ms"].min()
+                lowest = found if isinstance(found, int) else None
+            if lowest is not None:
+                first_ms = lowest if first_ms is None else min(first_ms, lowest)
+        if rows == 0:
+            msg = f"{path}/telemetry holds no rows"
+            raise ReplayError(msg)
+        meta_rows = tables["packs"].group_by("pack", maintain_order=True).last()
+        status = tables["status"].with_columns(pl.col("ts_ms").fill_null(strategy="forward").fill_null(first_ms))
+        site_rows = tables["site"]
+        site = str(info.get("site") or (site_rows["site"][0] if site_rows.height else "replay"))
+        return cls(
+            path=path,
+            site=site,
+            meta=meta_rows,
+            status=status,
+            site_rows=site_rows,
+            telemetry_rows=rows,
+            telemetry_parts=tele,
+            skipped=tuple(skipped),
+        )
+
+    def telemetry_batches(self, rows: int) -> Iterator[pl.DataFrame]:
+        """Yield the telemetry part by part, in record batches of about ``rows`` rows."""
+        columns = [k for k in output_schema(c.PackTelemetry) if k != "msg"]
+        for part in self.telemetry_parts:
+            parquet = pq.ParquetFile(part)
+            present = [k for k in columns if k in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(batch_size=rows, columns=present):
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                yield _conform(frame, c.PackTelemetry)
+
+
+def _min_ts(parquet: pq.ParquetFile, column: int) -> int | None:
+    """Return the smallest ``ts_ms`` of a Parquet file from its row-group statistics (None: not recorded)."""
+    lows = []
+    for i in range(parquet.metadata.num_row_groups):
+        stats = parquet.metadata.row_group(i).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        lows.append(int(stats.min))
+    return min(lows) if lows else None
+
+
+def open_run(path: Path) -> RunFolder:
+    """Open a run folder in either layout: single tables (``mgtwin emulate``) or rolled parts (``mgtwin record``).
+
+    Raises:
+        ReplayError: neither layout, or a table without the contract's columns.
+    """
+    if not (path / "telemetry.parquet").is_file() and (path / "telemetry").is_dir():
+        return PartsRunFolder.open_parts(path)
+    return RunFolder.open(path)

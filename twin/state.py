@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 from twin.config import Settings
 from twin.estimation import EstimationOptions, PackEstimates, SiteEstimation
 from twin.estimators.energy import SiteOutlook
+from twin.estimators.health import HealthOptions
 from twin.pipeline import Decoded
 
 __all__ = ["CoreOptions", "IngestResult", "TwinCore"]
@@ -105,9 +106,23 @@ class CoreOptions:
     estimation: EstimationOptions | None = None  # default: EstimationOptions(reserve_floor_soc=...)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, site: str | None = None) -> CoreOptions:
-        """The core's options from the service settings (live and replay use this one mapping)."""
+    def from_settings(
+        cls, settings: Settings, *, site: str | None = None, aging_clock_scale: float = 1.0
+    ) -> CoreOptions:
+        """The core's options from the service settings (live and replay use this one mapping).
+
+        Args:
+            settings: the settings.
+            site: the site (default: the settings').
+            aging_clock_scale: how much faster than real time the packs age (an emulated run
+                with ``aging_speedup``; 1 for a real site).
+        """
+        e = settings.estimation
+        health = HealthOptions(
+            eol_soh_new=e.eol_soh_new, eol_soh_second_life=e.eol_soh_second_life, aging_clock_scale=aging_clock_scale
+        )
         return cls(
+            estimation=EstimationOptions(reserve_floor_soc=e.reserve_floor_soc, health=health),
             site=site or settings.site,
             stale_after_s=settings.ingest.stale_after_s,
             late_window_s=settings.ingest.late_window_s,
@@ -384,12 +399,24 @@ class TwinCore:
             "capacity_ah",
             "capacity_std_ah",
             "rated_ah",
+            "soh",
+            "soh_std",
+            "resistance_ohm",
+            "resistance_growth",
+            "rul_days_p5",
+            "rul_days_p50",
+            "rul_days_p95",
+            "rul_efc_p50",
         )
         values = {name: np.full(n, np.nan) for name in (*columns, "e50", "e5", "e95")}
         flags: list[list[str]] = [["no_meta"] for _ in range(n)]
+        knee = np.zeros(n, dtype=np.bool_)
+        knee_onset = np.full(n, -1, dtype=np.int64)
         if est is not None and outlook is not None:
             for name in columns:
                 values[name][rows] = getattr(est, name)
+            knee[rows] = est.knee
+            knee_onset[rows] = est.knee_onset_ms
             values["e50"][rows] = outlook.pack_energy_kwh
             values["e5"][rows] = outlook.pack_energy_kwh_p5
             values["e95"][rows] = outlook.pack_energy_kwh_p95
@@ -411,9 +438,17 @@ class TwinCore:
             "energy_to_floor_kwh_p95": values["e95"],
             "capacity_ah": values["capacity_ah"],
             "capacity_ah_std": values["capacity_std_ah"],
-            "soh": values["capacity_ah"] / values["rated_ah"],
-            "soh_std": values["capacity_std_ah"] / values["rated_ah"],
+            "soh": values["soh"],
+            "soh_std": values["soh_std"],
             "soh_bms": v["soh_bms"],
+            "resistance_ohm": values["resistance_ohm"],
+            "resistance_growth": values["resistance_growth"],
+            "rul_days_p5": values["rul_days_p5"],
+            "rul_days_p50": values["rul_days_p50"],
+            "rul_days_p95": values["rul_days_p95"],
+            "rul_efc_p50": values["rul_efc_p50"],
+            "knee": knee,
+            "knee_onset_ms": pl.Series(knee_onset).replace(-1, None),
             "quality": quality,
         }
         if extended:
@@ -422,7 +457,7 @@ class TwinCore:
         return pl.DataFrame(
             data,
             schema_overrides={"chemistry": pl.String, "life": pl.String, "quality": pl.List(pl.String)},
-        ).with_columns(pl.col(floats).fill_nan(None))
+        ).with_columns([pl.when(pl.col(k).is_finite()).then(pl.col(k)).alias(k) for k in floats])  # NaN, inf: unknown
 
     def site_frame(self, now_ms: int) -> pl.DataFrame:
         """The site's state, one row in the contract's TwinState columns."""
