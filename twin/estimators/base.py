@@ -26,7 +26,9 @@ documents, and counted.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -41,6 +43,8 @@ __all__ = [
     "EstimatorError",
     "check_columns",
     "check_names",
+    "check_non_negative",
+    "check_pack_ids",
     "register",
 ]
 
@@ -167,3 +171,38 @@ def check_columns(batch: pl.DataFrame, required: Iterable[str], *, estimator: st
     if missing:
         msg = f"{estimator}: the batch lacks the column(s) {', '.join(missing)}"
         raise EstimatorError(msg)
+
+
+def check_non_negative(options: object) -> None:
+    """Raise unless every field of the dataclass ``options`` is a finite number >= 0 (booleans refused).
+
+    Raises:
+        EstimatorError: naming the first offending field.
+    """
+    for f in dataclasses.fields(options):  # type: ignore[arg-type]
+        value = getattr(options, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            msg = f"{type(options).__name__}.{f.name} must be a finite number >= 0, got {value!r}"
+            raise EstimatorError(msg)
+
+
+def check_pack_ids(owner: str, pack_ids: tuple[str, ...], chemistry: tuple[str, ...]) -> int:
+    """Raise unless there is at least one pack, the ids are unique and one chemistry is given per pack.
+
+    Returns:
+        The number of packs.
+
+    Raises:
+        EstimatorError: naming ``owner`` and what is wrong.
+    """
+    n = len(pack_ids)
+    if n == 0:
+        msg = f"{owner} needs at least one pack"
+        raise EstimatorError(msg)
+    if len(set(pack_ids)) != n:
+        msg = f"{owner} pack_ids must be unique"
+        raise EstimatorError(msg)
+    if len(chemistry) != n:
+        msg = f"{owner} chemistry has {len(chemistry)} entries for {n} packs"
+        raise EstimatorError(msg)
+    return n

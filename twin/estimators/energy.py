@@ -83,7 +83,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
-from twin.estimators.base import EstimatorError, check_columns
+from twin.estimators.base import EstimatorError, check_columns, check_non_negative, check_pack_ids
 
 __all__ = [
     "GRID_POINTS",
@@ -263,16 +263,7 @@ class EnergyPacks:
             EstimatorError: on a shape mismatch, duplicated ids or a non-physical value.
             ChemistryError: for an unknown chemistry name.
         """
-        n = len(self.pack_ids)
-        if n == 0:
-            msg = "EnergyPacks needs at least one pack"
-            raise EstimatorError(msg)
-        if len(set(self.pack_ids)) != n:
-            msg = "EnergyPacks pack_ids must be unique"
-            raise EstimatorError(msg)
-        if len(self.chemistry) != n:
-            msg = f"EnergyPacks chemistry has {len(self.chemistry)} entries for {n} packs"
-            raise EstimatorError(msg)
+        n = check_pack_ids("EnergyPacks", self.pack_ids, self.chemistry)
         names = tuple(sorted(set(self.chemistry)))
         for name in names:
             get_chemistry(name)
@@ -512,11 +503,7 @@ class OutlookOptions:
         Raises:
             EstimatorError: for a value out of range.
         """
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                msg = f"OutlookOptions.{f.name} must be a finite number >= 0, got {value!r}"
-                raise EstimatorError(msg)
+        check_non_negative(self)
         if not isinstance(self.target_steps, int) or self.target_steps < 1:
             msg = f"OutlookOptions.target_steps must be an integer >= 1, got {self.target_steps!r}"
             raise EstimatorError(msg)

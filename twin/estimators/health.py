@@ -84,7 +84,7 @@ from twin.chemistry.aging import (
     Stressors,
     get_aging_law,
 )
-from twin.estimators.base import EstimatorError, check_names
+from twin.estimators.base import EstimatorError, check_names, check_non_negative
 
 __all__ = [
     "FIRST_LIFE",
@@ -177,11 +177,7 @@ class HealthOptions:
         Raises:
             EstimatorError: a value out of range.
         """
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (np.isfinite(value) and value >= 0):
-                msg = f"HealthOptions.{f.name} must be a finite number >= 0, got {value!r}"
-                raise EstimatorError(msg)
+        check_non_negative(self)
         if not (0 < self.eol_soh_new < 1 and 0 < self.eol_soh_second_life < 1):
             msg = "end-of-life SoH thresholds must lie in (0, 1)"
             raise EstimatorError(msg)

@@ -104,7 +104,14 @@ from numpy.typing import NDArray
 
 from twin.chemistry import get_chemistry
 from twin.chemistry.aging import EMPIRICAL_R_PER_FADE
-from twin.estimators.base import Estimator, EstimatorError, check_columns, check_names, register
+from twin.estimators.base import (
+    Estimator,
+    EstimatorError,
+    check_columns,
+    check_names,
+    check_non_negative,
+    register,
+)
 from twin.estimators.soc import PackInfo
 
 __all__ = [
@@ -175,11 +182,7 @@ class ResistanceOptions:
         Raises:
             EstimatorError: a value out of range.
         """
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (np.isfinite(value) and value >= 0):
-                msg = f"ResistanceOptions.{f.name} must be a finite number >= 0, got {value!r}"
-                raise EstimatorError(msg)
+        check_non_negative(self)
         for name in ("prior_rel_std", "step_sigmas", "current_smoothing_s", "temp_smoothing_s", "max_gap_s"):
             if getattr(self, name) <= 0:
                 msg = f"ResistanceOptions.{name} must be positive"

@@ -142,7 +142,15 @@ from numpy.typing import NDArray
 
 from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
 from twin.chemistry.aging import EMPIRICAL_R_PER_FADE
-from twin.estimators.base import Estimator, EstimatorError, check_columns, check_names, register
+from twin.estimators.base import (
+    Estimator,
+    EstimatorError,
+    check_columns,
+    check_names,
+    check_non_negative,
+    check_pack_ids,
+    register,
+)
 
 __all__ = [
     "GRID_POINTS",
@@ -257,16 +265,7 @@ class PackInfo:
             EstimatorError: on a shape mismatch, duplicated ids or a non-physical value.
             ChemistryError: for an unknown chemistry name.
         """
-        n = len(self.pack_ids)
-        if n == 0:
-            msg = "PackInfo needs at least one pack"
-            raise EstimatorError(msg)
-        if len(set(self.pack_ids)) != n:
-            msg = "PackInfo pack_ids must be unique"
-            raise EstimatorError(msg)
-        if len(self.chemistry) != n:
-            msg = f"PackInfo chemistry has {len(self.chemistry)} entries for {n} packs"
-            raise EstimatorError(msg)
+        n = check_pack_ids("PackInfo", self.pack_ids, self.chemistry)
         for name in set(self.chemistry):
             get_chemistry(name)
         for name, dtype in (
@@ -445,11 +444,7 @@ class SocOptions:
         Raises:
             EstimatorError: for a negative, non-finite or zero-where-positive value.
         """
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
-                msg = f"SocOptions.{f.name} must be a finite number >= 0, got {value!r}"
-                raise EstimatorError(msg)
+        check_non_negative(self)
         for name in (
             "max_gap_s",
             "stale_after_s",
