@@ -286,7 +286,8 @@ def test_dispatch_conserves_power_and_respects_limits(fleet: dict[str, Any], req
 @given(fleet=_fleet(), request_w=st.floats(min_value=1.0, max_value=1e6))
 def test_dispatch_splits_by_available_energy_when_no_limit_binds(fleet: dict[str, Any], request_w: float) -> None:
     energy = fleet["discharge_energy_wh"]
-    usable = ~fleet["excluded"] & (energy > 0)
+    # Energy below a microwatt-hour counts as an empty pack (dispatch's _MIN_WEIGHT_WH).
+    usable = ~fleet["excluded"] & (energy > 1e-6)
     assume(energy[usable].sum() > 1e-3)
     fleet["max_discharge_w"] = np.full(energy.size, 1e12)  # no limit binds
     r = dispatch(request_w, **fleet)
@@ -296,7 +297,7 @@ def test_dispatch_splits_by_available_energy_when_no_limit_binds(fleet: dict[str
 
     charge = dispatch(-request_w, **{**fleet, "max_charge_w": np.full(energy.size, 1e12)})
     headroom = fleet["charge_headroom_wh"]
-    h_usable = ~fleet["excluded"] & (headroom > 0)
+    h_usable = ~fleet["excluded"] & (headroom > 1e-6)
     if headroom[h_usable].sum() > 1e-3:
         expected = np.where(h_usable, -request_w * headroom / headroom[h_usable].sum(), 0.0)
         np.testing.assert_allclose(charge.pack_power_w, expected, rtol=1e-9, atol=1e-9 * request_w)
