@@ -127,6 +127,8 @@ def test_site_aggregates_the_estimates_of_available_packs_and_leaves_out_the_res
     assert site["energy_to_floor_kwh_p5"] <= site["energy_to_floor_kwh"] <= site["energy_to_floor_kwh_p95"]
     lo, hi = sorted(packs["soc"].to_list()[:2])
     assert lo <= site["soc"] <= hi  # a weighted mean of the available packs' SoC
+    # The cheap signature the service checks after every batch agrees with the full frame.
+    assert core.site_signature(T0) == (site["packs_online"], site["packs_excluded"], site["soc"])
     # Feeding the BMS a different SoC changes nothing in the estimates.
     other = TwinCore(core.options)
     feed(

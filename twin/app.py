@@ -517,14 +517,10 @@ class Service:
         if due or self._site_changed():
             self._publish_state(force=False)
 
-    def _site_signature(self, now_ms: int) -> tuple[int, int, float]:
-        site = self.core.site_frame(now_ms).row(0, named=True)
-        return int(site["packs_online"]), int(site["packs_excluded"]), float(site["soc"] or 0.0)
-
     def _site_changed(self) -> bool:
         if self._last_site is None or not self.core.packs.ids:
             return False
-        online, excluded, soc = self._site_signature(self.clock.now_ms())
+        online, excluded, soc = self.core.site_signature(self.clock.now_ms())
         last_online, last_excluded, last_soc = self._last_site
         return (
             online != last_online
@@ -543,7 +539,7 @@ class Service:
         if self.alerts is not None:  # issue 6: the per-pack anomaly score from the alert engine
             scores = pl.Series("anomaly_score", self.alerts.anomaly_scores(packs["pack"].to_list()))
             packs = packs.with_columns(scores.fill_nan(None))
-        self._last_site = self._site_signature(now_ms)
+        self._last_site = self.core.site_signature(now_ms)
         expiry = self.settings.publish.expiry_s
         self.link.publish(
             c.topic(c.TopicKind.TWIN_STATE, self.site),

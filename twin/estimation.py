@@ -24,7 +24,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from twin.estimators.capacity import CapacityOptions, CapacityState, CapacityTracker
-from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook
+from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook, site_soc_weights
 from twin.estimators.health import HealthOptions, HealthState, HealthTracker
 from twin.estimators.resistance import ResistanceOptions, ResistanceState, ResistanceTracker
 from twin.estimators.soc import PackInfo, SocEstimator, SocFlag, SocOptions, SocState
@@ -424,6 +424,16 @@ class SiteEstimation:
             knee_onset_ms=np.asarray(health.knee_onset_ms, dtype=np.int64),
             quality=quality,
         )
+
+    def site_soc(self, packs: PackEstimates, available: B) -> float | None:
+        """The site's SoC (the outlook's P50) without the forward simulation: for cheap change checks."""
+        assert self.energy is not None
+        use = available & np.isfinite(packs.soc)
+        weight = site_soc_weights(self.energy, use, packs.capacity_ah)
+        total = float(weight.sum())
+        if total <= 0.0:
+            return None
+        return float((np.where(use, np.clip(packs.soc, 0.0, 1.0), 0.0) * weight).sum() / total)
 
     def outlook(
         self,

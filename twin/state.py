@@ -210,6 +210,10 @@ class TwinCore:
         self._version = 0  # bumped by every ingest: the views below are cached per (now, version)
         self._views_key: tuple[int, int] | None = None
         self._views_value: _Views | None = None
+        self._estimates_key: tuple[int, int] | None = None
+        self._estimates_value: PackEstimates | None = None
+        self._rows = np.zeros(0, dtype=np.int64)  # core pack index of each estimated pack
+        self._rows_ids: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ ingest
 
@@ -350,17 +354,39 @@ class TwinCore:
         out: B = self.online(now_ms) & p.contactor_closed & (p.fault_bits == 0) & p.has_meta
         return out
 
+    def _estimates(self, now_ms: int) -> tuple[PackEstimates | None, NDArray[np.int64]]:
+        """The per-pack estimates at ``now_ms`` (cached per (now, ingest)) and each one's core pack index."""
+        key = (now_ms, self._version)
+        if self._estimates_key != key:
+            est = self.estimation.packs(now_ms=now_ms)
+            if est is not None and self._rows_ids is not est.pack_ids:  # the pack set changed (rarely)
+                self._rows = np.array([self.packs.index[k] for k in est.pack_ids], dtype=np.int64)
+                self._rows_ids = est.pack_ids
+            self._estimates_key, self._estimates_value = key, est
+        est = self._estimates_value
+        return est, (self._rows if est is not None else np.zeros(0, dtype=np.int64))
+
+    def site_signature(self, now_ms: int) -> tuple[int, int, float]:
+        """Packs online, packs excluded and the site's SoC: what decides an early state publish.
+
+        The same SoC as :meth:`site_frame`'s, without the runtime simulation, so it is cheap
+        enough to check after every batch.
+        """
+        online = self.online(now_ms)
+        available = self.available(now_ms)
+        est, rows = self._estimates(now_ms)
+        soc = self.estimation.site_soc(est, available[rows]) if est is not None else None
+        return int(online.sum()), int((online & ~available).sum()), soc or 0.0
+
     def _views(self, now_ms: int) -> _Views:
         """The estimates at ``now_ms``, computed once per (now, ingest) and shared by both frames."""
         key = (now_ms, self._version)
         if self._views_key == key and self._views_value is not None:
             return self._views_value
         p = self.packs
-        est = self.estimation.packs(now_ms=now_ms)
+        est, rows = self._estimates(now_ms)
         outlook: SiteOutlook | None = None
-        rows = np.zeros(0, dtype=np.int64)
         if est is not None:
-            rows = np.array([p.index[k] for k in est.pack_ids], dtype=np.int64)  # per pack, publish cadence
             site = self.site_row or {}
             v = p.values
             outlook = self.estimation.outlook(

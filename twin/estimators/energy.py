@@ -92,6 +92,7 @@ __all__ = [
     "SiteOutlook",
     "energy_to_floor_wh",
     "site_outlook",
+    "site_soc_weights",
     "time_to_floor_s",
 ]
 
@@ -793,6 +794,19 @@ def _runtimes(
     return p5, p50, p95
 
 
+def site_soc_weights(packs: EnergyPacks, use: B, capacity_ah: F64 | None = None) -> F64:
+    """Each pack's weight in the site's SoC: its energy when full (series x capacity x nominal voltage), 0 if unused.
+
+    Args:
+        packs: the packs.
+        use: packs that count (available, with an estimate).
+        capacity_ah: capacities to use instead of ``packs.capacity_ah``.
+    """
+    q = packs.capacity_ah if capacity_ah is None else capacity_ah
+    out: F64 = np.where(use, packs.series * q * packs._v_nominal_v, 0.0)
+    return out
+
+
 def site_outlook(
     packs: EnergyPacks,
     *,
@@ -877,7 +891,7 @@ def site_outlook(
         shift = np.where(use & (g > 0.0) & (var > 0.0), z * sigma * share / (var * g), 0.0)
     scenarios = np.stack([np.clip(s - shift, 0.0, 1.0), s, np.clip(s + shift, 0.0, 1.0)])
 
-    weight = np.where(use, packs.series * q * packs._v_nominal_v, 0.0)
+    weight = site_soc_weights(packs, use)
     w_sum = float(weight.sum())
     if w_sum > 0.0:
         site_soc = (np.where(use, scenarios, 0.0) * weight).sum(axis=1) / w_sum
