@@ -97,7 +97,7 @@ class PackEstimates:
     rul_efc_p50: F64
     knee: B
     knee_onset_ms: NDArray[np.int64]  # -1: none
-    quality: list[list[str]]
+    flags: NDArray[np.int64]  # SocFlag bits per pack (named by :data:`QUALITY_FLAGS`)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -387,10 +387,6 @@ class SiteEstimation:
         if self.soc is None:
             return None
         e = self.soc.estimate(now_ms=now_ms)
-        flags = e.flags
-        quality = [
-            [str(f.name).lower() for f in _FLAGS if v & f.value] for v in flags.tolist()
-        ]  # per pack, publish cadence
         assert self.capacity is not None
         assert self.energy is not None
         assert self.resistance is not None
@@ -422,7 +418,7 @@ class SiteEstimation:
             rul_efc_p50=np.asarray(health.rul_efc_p50, dtype=np.float64),
             knee=np.asarray(health.knee, dtype=np.bool_),
             knee_onset_ms=np.asarray(health.knee_onset_ms, dtype=np.int64),
-            quality=quality,
+            flags=np.asarray(e.flags, dtype=np.int64),
         )
 
     def site_soc(self, packs: PackEstimates, available: B) -> float | None:
@@ -482,7 +478,10 @@ _META_SCHEMA: Final = {
     "ts_ms": pl.Int64,
     "commissioned_ms": pl.Int64,
 }
-_FLAGS: Final = tuple(f for f in SocFlag if f.value)
+QUALITY_FLAGS: Final[tuple[tuple[int, str], ...]] = tuple(
+    (int(f.value), str(f.name).lower()) for f in SocFlag if f.value
+)
+"""Each SoC quality bit and its published name, in publishing order."""
 
 
 def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> dict[str, float]:

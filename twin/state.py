@@ -35,7 +35,7 @@ import polars as pl
 from numpy.typing import NDArray
 
 from twin.config import Settings
-from twin.estimation import EstimationOptions, PackEstimates, SiteEstimation
+from twin.estimation import QUALITY_FLAGS, EstimationOptions, PackEstimates, SiteEstimation
 from twin.estimators.energy import SiteOutlook
 from twin.estimators.health import HealthOptions
 from twin.pipeline import Decoded
@@ -435,7 +435,7 @@ class TwinCore:
             "rul_efc_p50",
         )
         values = {name: np.full(n, np.nan) for name in (*columns, "e50", "e5", "e95")}
-        flags: list[list[str]] = [["no_meta"] for _ in range(n)]
+        bits = np.full(n, _NO_META_BIT, dtype=np.int64)
         knee = np.zeros(n, dtype=np.bool_)
         knee_onset = np.full(n, -1, dtype=np.int64)
         if est is not None and outlook is not None:
@@ -446,9 +446,8 @@ class TwinCore:
             values["e50"][rows] = outlook.pack_energy_kwh
             values["e5"][rows] = outlook.pack_energy_kwh_p5
             values["e95"][rows] = outlook.pack_energy_kwh_p95
-            for r, q in zip(rows.tolist(), est.quality, strict=True):  # per pack, publish cadence
-                flags[r] = q
-        quality = [q if ok else [*q, "offline"] for q, ok in zip(flags, online.tolist(), strict=True)]
+            bits[rows] = est.flags
+        bits |= np.where(online, 0, _OFFLINE_BIT)
         data: dict[str, object] = {
             "pack": p.ids,
             "chemistry": p.chemistry,
@@ -475,15 +474,15 @@ class TwinCore:
             "rul_efc_p50": values["rul_efc_p50"],
             "knee": knee,
             "knee_onset_ms": pl.Series(knee_onset).replace(-1, None),
-            "quality": quality,
+            "quality": bits,
         }
         if extended:
             data.update({name: values[name] for name in ("soc_mean", "soc_min_cell", "current_offset_a")})
         floats = [k for k, col in data.items() if isinstance(col, np.ndarray) and col.dtype == np.float64]
-        return pl.DataFrame(
-            data,
-            schema_overrides={"chemistry": pl.String, "life": pl.String, "quality": pl.List(pl.String)},
-        ).with_columns([pl.when(pl.col(k).is_finite()).then(pl.col(k)).alias(k) for k in floats])  # NaN, inf: unknown
+        return pl.DataFrame(data, schema_overrides={"chemistry": pl.String, "life": pl.String}).with_columns(
+            *[pl.when(pl.col(k).is_finite()).then(pl.col(k)).alias(k) for k in floats],  # NaN, inf: unknown
+            _quality_names(pl.col("quality")),
+        )
 
     def site_frame(self, now_ms: int) -> pl.DataFrame:
         """The site's state, one row in the contract's TwinState columns."""
@@ -553,6 +552,17 @@ _SITE_RENAMES: Final = {
     "energy_kwh_p5": "energy_to_floor_kwh_p5",
     "energy_kwh_p95": "energy_to_floor_kwh_p95",
 }
+
+
+_NO_META_BIT: Final = 1 << 40
+_OFFLINE_BIT: Final = 1 << 41
+_QUALITY_NAMES: Final = (*QUALITY_FLAGS, (_NO_META_BIT, "no_meta"), (_OFFLINE_BIT, "offline"))
+
+
+def _quality_names(bits: pl.Expr) -> pl.Expr:
+    """The list of quality names whose bit is set, in publishing order (for all packs at once)."""
+    names = [pl.when((bits & bit) != 0).then(pl.lit(name)) for bit, name in _QUALITY_NAMES]
+    return pl.concat_list(names).list.drop_nulls().alias("quality")
 
 
 def _finite_or_none(value: object) -> float | None:

@@ -136,7 +136,10 @@ class HealthOptions:
             tracking began.
         rul_quantile_points: posterior quantiles of the scalar the forecast is run for.
         horizon_days: forecasts stop here (RUL inf beyond), real days.
-        step_fraction: forecast step as a share of the law's age.
+        step_fraction: forecast step as a share of the law's age. The duty is constant over a
+            forecast, so BLAST-Lite's incremental rules hardly depend on the step: 0.05 moved
+            RUL P5/P50/P95 by at most 0.9 % against 0.01 (nevada, 60 packs) at a fifth of the
+            steps.
         min_step_days: shortest forecast step, real days.
         history_points: knee-history length per pack (decimated by pairs when full).
         knee_min_points: fewest history points for a knee test.
@@ -163,7 +166,7 @@ class HealthOptions:
     site_efc_per_day_prior: float = 1.0
     rul_quantile_points: int = 15
     horizon_days: float = 36_500.0
-    step_fraction: float = 0.01
+    step_fraction: float = 0.05
     min_step_days: float = 1.0 / 24.0
     history_points: int = 512
     knee_min_points: int = 12
@@ -592,9 +595,11 @@ class HealthTracker:
             changes[name] = carry(getattr(new, name), getattr(old, name))
         for name, keys in (("sums", _SUM_KEYS), ("duty", _DUTY_KEYS), ("hist", _HIST_KEYS)):
             changes[name] = {k: carry(getattr(new, name)[k], getattr(old, name)[k]) for k in keys}
-        # Grid states: start every pack fresh, then put the known packs' rows back.
+        # Grid states: place the new packs, then put the known packs' rows back.
         t0 = old.t0_ms
-        groups = out._start_groups(t0)
+        fresh = np.ones(len(out._packs.pack_ids), dtype=np.bool_)
+        fresh[dst] = False
+        groups = out._start_groups(t0, only=fresh)
         old_rows = {p: (grp, j) for grp in old.groups for j, p in enumerate(np.asarray(grp.members))}
         g = self._grid.size
         rebuilt = []
@@ -628,8 +633,14 @@ class HealthTracker:
 
     # ------------------------------------------------------------------ inputs
 
-    def _start_groups(self, t0_ms: int) -> tuple[_LawGroup, ...]:
-        """Place every pack on its law's curve at the start of tracking, for every grid scalar."""
+    def _start_groups(self, t0_ms: int, only: B | None = None) -> tuple[_LawGroup, ...]:
+        """Place every pack on its law's curve at the start of tracking, for every grid scalar.
+
+        Args:
+            t0_ms: the start of tracking.
+            only: packs to place (the others keep the law's initial state; :meth:`grown`
+                puts their known states back), default all.
+        """
         o, pk = self.options, self._packs
         g = self._grid.size
         site_days = np.where(np.isfinite(pk.commissioned_ms), (t0_ms - pk.commissioned_ms) / _MS_PER_DAY, 0.0)
@@ -638,31 +649,36 @@ class HealthTracker:
         # Less than a day of history is none: one tiny first step would put the power laws on
         # their steep start and the next (BLAST-Lite incremental) step would overshoot.
         days = np.where(days < 1.0, 0.0, days)
+        if only is not None:
+            days = np.where(only, days, 0.0)
         efc_total = pk.first_life_efc + o.site_efc_per_day_prior * site_days
         per_day = efc_total / np.maximum(days, 1.0)
         groups = []
         for name in sorted(self._laws):
             law = self._laws[name]
             members = np.flatnonzero(np.array([x == name for x in pk.law_names])).astype(np.intp)
-            rows = members.size * g
-            scalar = np.tile(self._grid, members.size)
-            d = np.repeat(days[members], g)
-            rate = np.repeat(per_day[members], g)
-            state = law.initial_state(rows)
-            if np.any(d > 0):
+            state = law.initial_state(members.size * g)
+            # Only the rows with a first life to walk are stepped (one pack joining costs one pack).
+            rows = np.flatnonzero(np.repeat(days[members], g) > 0)
+            if rows.size:
+                d = np.repeat(days[members], g)[rows]
+                rate = np.repeat(per_day[members], g)[rows]
+                scalar = np.tile(self._grid, members.size)[rows]
+                sub = _take_state(state, rows)
+                # The first-life stressors are constant: built once, only the chunk length changes.
+                base = Stressors.from_means(
+                    dt_days=np.zeros(rows.size),
+                    temp_k=np.full(rows.size, FIRST_LIFE["temp_k"]),
+                    soc_mean=np.full(rows.size, FIRST_LIFE["soc_mean"]),
+                    dod=np.full(rows.size, FIRST_LIFE["dod"]),
+                    c_rate_mean=np.full(rows.size, FIRST_LIFE["c_rate_mean"]),
+                    c_rate_charge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
+                    c_rate_discharge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
+                )
                 for _ in range(int(np.ceil(d.max() / _FIRST_LIFE_CHUNK_DAYS))):
-                    dt = np.clip(d - state.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
-                    stress = Stressors.from_means(
-                        dt_days=dt,
-                        temp_k=np.full(rows, FIRST_LIFE["temp_k"]),
-                        soc_mean=np.full(rows, FIRST_LIFE["soc_mean"]),
-                        dod=np.full(rows, FIRST_LIFE["dod"]),
-                        c_rate_mean=np.full(rows, FIRST_LIFE["c_rate_mean"]),
-                        c_rate_charge_mean=np.full(rows, FIRST_LIFE["c_rate"]),
-                        c_rate_discharge_mean=np.full(rows, FIRST_LIFE["c_rate"]),
-                        efc=rate * dt,
-                    )
-                    state = law.step(state, stress, scalar=scalar)
+                    dt = np.clip(d - sub.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
+                    sub = law.step(sub, dataclasses.replace(base, dt_days=dt, efc=rate * dt), scalar=scalar)
+                state = _put_state(state, rows, sub)
             groups.append(_LawGroup(name=name, members=members, state=state, q0=state.q.copy(), efc0=state.efc.copy()))
         return tuple(groups)
 
@@ -1084,6 +1100,16 @@ def _scaled(day: Stressors, days: F64, scale: float) -> Stressors:
 
 def _take_state(state: AgingState, rows: IP) -> AgingState:
     return AgingState(**{f.name: np.asarray(getattr(state, f.name))[rows] for f in dataclasses.fields(AgingState)})
+
+
+def _put_state(state: AgingState, rows: IP, part: AgingState) -> AgingState:
+    """``state`` with ``rows`` replaced by ``part``'s rows (pure)."""
+    out = {}
+    for f in dataclasses.fields(AgingState):
+        arr = np.array(getattr(state, f.name), copy=True)
+        arr[rows] = np.asarray(getattr(part, f.name))
+        out[f.name] = arr
+    return AgingState(**out)
 
 
 def _duty(s: HealthState) -> Stressors:
