@@ -206,6 +206,31 @@ def _feed_soh(tracker: HealthTracker, soh: F64, efc_per_hour: float, *, hours: i
             )
 
 
+def test_scalars_that_wear_a_law_out_in_first_life_get_no_weight() -> None:
+    """The Leaf law's linear fade runs below zero for the fast grid scalars; the SoH stays a SoH.
+
+    Found on nevada: the second-life Leaf packs' SoH came out as -3e10 after the first chunk,
+    from a capacity ratio over a first-life placement at or below zero.
+    """
+    tracker = HealthTracker(META.slice(3, 1))
+    groups = tracker._start_groups(T0_MS)
+    assert float(groups[0].q0.min()) <= 0.0  # the hazard is real for this law and this history
+    for hour in range(1, 4):
+        tracker.checkpoint(
+            ts_ms=T0_MS + hour * 3_600_000,
+            soc=np.array([0.5 + 0.1 * (hour % 2)]),
+            temp_c=np.array([25.0]),
+            current_a=np.array([10.0]),
+            capacity_ah=np.array([np.nan]),  # no measurement yet: the prior alone weighs the scalars
+            capacity_std_ah=np.array([np.nan]),
+            valid=np.ones(1, dtype=np.bool_),
+        )
+    est = tracker.estimate()
+    assert np.all(np.isfinite(est.soh))
+    assert 0.6 < float(est.soh[0]) < 0.7
+    assert float(est.rate_scalar_p95[0]) < float(tracker._grid[-1])
+
+
 def test_a_synthetic_knee_is_flagged_with_its_onset() -> None:
     """Slow linear fade, then from hour 240 a quadratic knee; its twin without the knee is not flagged."""
     hours = 400

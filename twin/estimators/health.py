@@ -104,6 +104,8 @@ IP = NDArray[np.intp]
 #: Typical values (BATTERY_NOTES 1.4 and 3), not measurements of any pack.
 FIRST_LIFE: Final = {"temp_k": 298.15, "soc_mean": 0.6, "dod": 0.5, "c_rate_mean": 0.05, "c_rate": 0.3}
 _FIRST_LIFE_CHUNK_DAYS: Final = 30.0
+_MIN_CURVE_Q: Final = 0.05
+"""Relative capacity on a law's curve below which a grid scalar's placement is implausible."""
 _MS_PER_DAY: Final = 86_400_000.0
 _GH3_NODES: Final = np.array([-math.sqrt(3.0), 0.0, math.sqrt(3.0)])
 _GH3_WEIGHTS: Final = np.array([1.0 / 6.0, 2.0 / 3.0, 1.0 / 6.0])
@@ -765,7 +767,7 @@ class HealthTracker:
             groups.append(dataclasses.replace(grp, state=new))
             flags = law.validity.flags(_take(stress, grp.members, 1))
             inside[grp.members] = ~flags.any
-            ratio[grp.members] = (new.q / np.maximum(grp.q0, 1e-12)).reshape(grp.members.size, g)
+            ratio[grp.members] = _curve_ratio(new.q, grp.q0).reshape(grp.members.size, g)
         has_time = s.sums["t"] > 0
         # The chunk's capacity observation, weighed for every grid scalar.
         y = s.obs_ah / pk.rated_ah
@@ -834,12 +836,17 @@ class HealthTracker:
         b = s.cal_b + mu0 * p0
         loglik = -0.5 * (s.cal_c[:, None] + mu0 * mu0 * p0 - b * b / a) - 0.5 * np.log(a / p0)
         logw = self._log_prior[None, :] + loglik
+        ratio = np.ones((n, g))
+        placed = np.ones((n, g), dtype=np.bool_)
+        for grp in s.groups:
+            ratio[grp.members] = _curve_ratio(grp.state.q, grp.q0).reshape(grp.members.size, g)
+            placed[grp.members] = (grp.q0 > _MIN_CURVE_Q).reshape(grp.members.size, g)
+        # A scalar whose first life would have worn the law's capacity out is not this pack's.
+        placed |= ~placed.any(axis=1, keepdims=True)
+        logw = np.where(placed, logw, -np.inf)
         logw -= logw.max(axis=1, keepdims=True)
         w = np.exp(logw)
         w /= w.sum(axis=1, keepdims=True)
-        ratio = np.ones((n, g))
-        for grp in s.groups:
-            ratio[grp.members] = (grp.state.q / np.maximum(grp.q0, 1e-12)).reshape(grp.members.size, g)
         return w, b / a, 1.0 / a, ratio
 
     def estimate(self) -> HealthEstimate:
@@ -1100,6 +1107,17 @@ def _scaled(day: Stressors, days: F64, scale: float) -> Stressors:
 
 def _take_state(state: AgingState, rows: IP) -> AgingState:
     return AgingState(**{f.name: np.asarray(getattr(state, f.name))[rows] for f in dataclasses.fields(AgingState)})
+
+
+def _curve_ratio(q: F64, q0: F64) -> F64:
+    """Capacity now over capacity at the start of tracking, on the law's curve, in [0, 1].
+
+    The BLAST-Lite laws are fits that go on below zero; a grid scalar that places a pack there
+    (q0 at or below :data:`_MIN_CURVE_Q`) is given no weight by the posterior, and its ratio is
+    kept finite here.
+    """
+    out: F64 = np.where(q0 > _MIN_CURVE_Q, np.clip(q / np.maximum(q0, _MIN_CURVE_Q), 0.0, 1.0), 1.0)
+    return out
 
 
 def _put_state(state: AgingState, rows: IP, part: AgingState) -> AgingState:
