@@ -52,6 +52,8 @@ class FleetAging:
         self.speedup = speedup
         self.knee = KneeModel()
         self.laws: dict[int, AgingLaw] = {}
+        self.intake_ratio = np.ones(fleet.n_packs)
+        """Capacity at commissioning over capacity at the start of the run, per pack."""
         self.states: dict[int, AgingState] = {}
         self._members: dict[int, NDArray[np.intp]] = {}
         ci = fleet.params.chem_index
@@ -74,6 +76,11 @@ class FleetAging:
         self._rows = np.arange(n, dtype=np.intp) * SOC_GRID.size
 
     def _first_life(self, law: AgingLaw, idx: NDArray[np.intp]) -> AgingState:
+        """Age ``idx`` through their first life, then their site life so far; note the intake.
+
+        :attr:`intake_ratio` gets each pack's capacity at commissioning (the end of its first
+        life, when the intake test measured it) over its capacity now.
+        """
         fleet = self.fleet
         state = law.initial_state(idx.size)
         first = fleet.years_in_service[idx] * 365.0
@@ -84,8 +91,16 @@ class FleetAging:
         efc_total = fleet.first_life_efc[idx] + _SITE_EFC_PER_DAY * fleet.site_days[idx]
         per_day = efc_total / np.maximum(days, 1.0)
         n = idx.size
-        for _ in range(int(np.ceil(days.max() / _FIRST_LIFE_CHUNK_DAYS))):
-            dt_days = np.clip(days - state.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
+        q_intake = np.asarray(state.q, dtype=np.float64).copy()
+        # Chunks end at commissioning: the state there is the intake's.
+        steps = (
+            int(np.ceil(first.max() / _FIRST_LIFE_CHUNK_DAYS)) + int(np.ceil(days.max() / _FIRST_LIFE_CHUNK_DAYS)) + 1
+        )
+        for _ in range(steps):
+            target = np.where(state.t_days < first, first, days)
+            dt_days = np.clip(target - state.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
+            if not np.any(dt_days > 0):
+                break
             stress = Stressors.from_means(
                 dt_days=dt_days,
                 temp_k=np.full(n, FIRST_LIFE["temp_k"]),
@@ -97,6 +112,9 @@ class FleetAging:
                 efc=per_day * dt_days,
             )
             state = law.step(state, stress, scalar=fleet.aging_scalar[idx])
+            at_intake = (first > 0) & np.isclose(state.t_days, first)
+            q_intake = np.where(at_intake, np.asarray(state.q), q_intake)
+        self.intake_ratio[idx] = q_intake / np.maximum(np.asarray(state.q), 1e-9)
         return state
 
     def accumulate(self, soc: F64, current_a: F64, temp_c: F64, dt_s: float) -> None:

@@ -21,6 +21,7 @@ the cost (for long runs).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,20 @@ class Fleet:
     def n_packs(self) -> int:
         """Number of packs."""
         return len(self.pack_ids)
+
+
+def with_intake(fleet: Fleet, intake_soh: F64) -> Fleet:
+    """``fleet`` whose second-life packs announce ``intake_soh`` (also their ``retirement_soh``)."""
+    second = fleet.meta["intake_soh"].is_not_null().to_numpy()
+    value = pl.Series(np.round(np.clip(intake_soh, 0.0, 1.2), 4)).set(pl.Series(~second), None)
+    first = fleet.meta["first_life"].to_list()
+    for row, v in zip(first, value.to_list(), strict=True):
+        if row is not None:
+            row["retirement_soh"] = v
+    meta = fleet.meta.with_columns(
+        value.alias("intake_soh"), pl.Series("first_life", first, dtype=fleet.meta["first_life"].dtype)
+    )
+    return dataclasses.replace(fleet, meta=meta)
 
 
 def build_fleet(scenario: Scenario, rng: np.random.Generator, *, cell_level: bool = True) -> Fleet:
@@ -161,7 +176,11 @@ def build_fleet(scenario: Scenario, rng: np.random.Generator, *, cell_level: boo
         cooling_ua_w_per_k_per_ah=0.0,
     )
     pack_ids = tuple(scenario.pack_ids())
+    # Second-life packs came to the site over the last two years; a new pack's SoH (about 1)
+    # says it was commissioned in the last weeks (700 days of duty would have aged it by ~15 %).
     site_days = rng.uniform(30.0, 700.0, n)
+    is_new = np.array([groups[i].life != "second_life" for i in group_index])
+    site_days = np.where(is_new, site_days * (14.0 / 700.0), site_days)
     meta = _meta(scenario, groups, group_index, pack_ids, params, soh, years, efc1, site_days, rng)
     return Fleet(
         pack_ids=pack_ids,

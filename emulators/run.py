@@ -25,7 +25,7 @@ import pyarrow as pa
 from numpy.typing import NDArray
 
 from emulators.aging import FleetAging
-from emulators.fleet import Fleet, build_fleet
+from emulators.fleet import Fleet, build_fleet, with_intake
 from emulators.pack import PackBank, StepResult
 from emulators.scenario import (
     ContactorOpen,
@@ -152,6 +152,11 @@ class Emulation:
         self._faults = self._resolve_faults(rng_faults)
         self._rng_faults = rng_faults
         self.aging = FleetAging(self.fleet, self.bank, speedup=options.aging_speedup, rng=self._rng_noise)
+        # The intake test measured the string's capacity (its weakest cells) at commissioning,
+        # before the site's aging so far: what a full capacity test at intake reports.
+        usable_now = self.bank.pack_capacity_ah() / self.fleet.params.rated_group_ah
+        test_error = self.fleet.meta["intake_soh"].fill_null(0.0).to_numpy() - self.fleet.soh0
+        self.fleet = with_intake(self.fleet, usable_now * self.aging.intake_ratio + np.clip(test_error, 0.0, None))
         self.seq = np.zeros(n, dtype=np.int64)
         self.cell_seq = np.zeros(n, dtype=np.int64)
         self.site_seq = 0

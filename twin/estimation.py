@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 
 from twin.estimators.capacity import CapacityOptions, CapacityState, CapacityTracker
 from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook, site_soc_weights
-from twin.estimators.health import HealthOptions, HealthState, HealthTracker
+from twin.estimators.health import HealthOptions, HealthState, HealthTracker, prior_soh
 from twin.estimators.resistance import ResistanceOptions, ResistanceState, ResistanceTracker
 from twin.estimators.soc import PackInfo, SocEstimator, SocFlag, SocOptions, SocState
 
@@ -65,13 +65,6 @@ class EstimationOptions:
     soc0_std: float = 0.3
     #: Event-time grid of the capacity checkpoints, s (fixed, so batches do not matter).
     checkpoint_every_s: float = 60.0
-    #: The duty assumed for the fade since commissioning that the capacity prior allows for
-    #: (until the pack's own history is known): mean temperature, SoC, depth of discharge and
-    #: equivalent full cycles a day.
-    prior_duty_temp_c: float = 25.0
-    prior_duty_soc: float = 0.5
-    prior_duty_dod: float = 0.5
-    prior_duty_efc_per_day: float = 0.5
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -194,7 +187,8 @@ class SiteEstimation:
 
     def _rebuild(self, meta: pl.DataFrame) -> None:
         o = self.options
-        aged = expected_soh(meta, o)
+        full = self.full_meta if self.full_meta.height == meta.height else meta
+        aged = expected_soh(full, o)
         info = PackInfo.from_meta(meta, soc0=o.soc0, soc0_std=o.soc0_std, soh_prior=aged)
         soc = SocEstimator(info, options=o.soc)
         if self.soc is not None:
@@ -215,7 +209,6 @@ class SiteEstimation:
         self.resistance = (
             ResistanceTracker(info, o.resistance) if self.resistance is None else self.resistance.grown(info)
         )
-        full = self.full_meta if self.full_meta.height == meta.height else meta
         self.health = HealthTracker(full, o.health) if self.health is None else self.health.grown(full)
         grow = prior.size - n_old
         self._ah = np.concatenate([self._ah, np.zeros(grow)])
@@ -247,7 +240,9 @@ class SiteEstimation:
         newest = int(ts.max())  # type: ignore[arg-type]
         # Checkpoints crossed by this batch: the rows up to each go in first (one pass per
         # grid time crossed, not per row), so the checkpoints do not depend on the batching.
-        while self._next_checkpoint_ms <= newest:
+        # A checkpoint waits for a row newer than its grid time: the rows stamped exactly at it
+        # may still be split across batches.
+        while self._next_checkpoint_ms < newest:
             at = self._next_checkpoint_ms
             head = telemetry.filter(pl.col("ts_ms") <= at)
             telemetry = telemetry.filter(pl.col("ts_ms") > at)
@@ -488,45 +483,17 @@ def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> dict[str, fl
     """Each pack's SoH prior: its intake SoH (1 for a new pack) less the fade expected since commissioning.
 
     A second-life pack's intake test was exact the day it was made, but the pack has aged on
-    site since (``commissioned_ms`` to the metadata's ``ts_ms``); the chemistry's own aging law
-    (:mod:`twin.chemistry.aging`, BLAST-Lite) under an assumed duty
-    (:attr:`EstimationOptions.prior_duty_temp_c` and siblings) estimates by how much. The
-    capacity estimator then corrects it from the pack's own data.
+    site since (``commissioned_ms`` to the metadata's ``ts_ms``). The chemistry's own aging law
+    (:mod:`twin.chemistry.aging`, BLAST-Lite), placed on its curve by the pack's first life
+    and run over its site life, estimates by how much (:func:`twin.estimators.health.prior_soh`,
+    the health tracker's own prior at the median rate scalar). The capacity estimator then
+    corrects it from the pack's own data.
 
     Returns:
         SoH prior by pack id.
     """
-    from twin.chemistry import get_chemistry
-    from twin.chemistry.aging import Stressors, get_aging_law
-
-    ids = meta.get_column("pack").to_list()
-    intake = meta.get_column("intake_soh").fill_null(1.0).to_numpy()
-    days = (
-        ((meta.get_column("ts_ms") - meta.get_column("commissioned_ms")) / 86_400_000.0)
-        .fill_null(0.0)
-        .clip(lower_bound=0.0)
-        .to_numpy()
-    )
-    q = np.ones(len(ids))
-    chem = meta.get_column("chemistry").to_numpy()
-    for name in np.unique(chem):  # one law per chemistry (a handful), vectorised over its packs
-        rows = np.flatnonzero((chem == name) & (days > 0))
-        if rows.size == 0:
-            continue
-        law = get_aging_law(get_chemistry(str(name)).aging_model)
-        stress = Stressors.from_means(
-            dt_days=days[rows],
-            temp_k=options.prior_duty_temp_c + 273.15,
-            soc_mean=options.prior_duty_soc,
-            dod=options.prior_duty_dod,
-            c_rate_mean=options.prior_duty_efc_per_day * 2.0 / 24.0,
-            c_rate_charge_mean=0.25,
-            c_rate_discharge_mean=0.25,
-            efc=options.prior_duty_efc_per_day * days[rows],
-        )
-        q[rows] = np.asarray(law.step(law.initial_state(rows.size), stress).q, dtype=np.float64)
-    soh = np.clip(intake * q, 0.05, 1.2)
-    return {p: float(v) for p, v in zip(ids, soh, strict=True)}
+    at_ms = int(meta.get_column("ts_ms").max()) if meta.height else 0  # type: ignore[arg-type]
+    return prior_soh(meta, at_ms, options.health)
 
 
 def _carry_over(old: SocState, fresh: SocState) -> SocState:

@@ -13,7 +13,9 @@ C-rates, and equivalent full cycles, counted against the present capacity estima
 grid point with its own state, and the capacity estimates weigh them (a grid Bayesian filter):
 
 * the model: ``soh(t) = h0 * q(t; s) / q(t0; s)``, ``t0`` the start of tracking and ``h0``
-  the SoH then, unknown with prior ``N(intake_soh or 1, soh_prior_std²)``;
+  the SoH then, unknown with prior ``N(intake_soh × q(t0; s) / q(tc; s), soh_prior_std²)``,
+  ``tc`` the commissioning (the intake test; a new pack's intake SoH is 1): the fade since
+  the intake depends on the scalar too, so it weighs the scalar before any capacity is seen;
 * the data: once per chunk, the capacity estimate over the rated capacity, with variance
   ``(capacity_std / rated)² * capacity_corr_s / chunk_s + model_error_soh²`` (successive
   estimates share the same (ΔSoC, Ah) pairs for about ``capacity_corr_s``; counting each
@@ -92,6 +94,7 @@ __all__ = [
     "HealthOptions",
     "HealthState",
     "HealthTracker",
+    "prior_soh",
 ]
 
 F64 = NDArray[np.float64]
@@ -283,6 +286,7 @@ class _LawGroup:
     state: AgingState
     q0: F64  # (n_members * G,) relative capacity at the start of tracking
     efc0: F64  # (n_members * G,) law EFC at the start of tracking
+    site_fade: F64  # (n_members * G,) capacity at the start of tracking over capacity at commissioning
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -607,7 +611,7 @@ class HealthTracker:
         rebuilt = []
         for grp in groups:
             arrays = {f.name: np.array(getattr(grp.state, f.name), copy=True) for f in dataclasses.fields(AgingState)}
-            q0, efc0 = grp.q0.copy(), grp.efc0.copy()
+            q0, efc0, fade = grp.q0.copy(), grp.efc0.copy(), grp.site_fade.copy()
             for j, member in enumerate(grp.members):
                 pid = out._packs.pack_ids[member]
                 if pid not in where or (old_law[pid] != out._packs.law_names[member]):
@@ -618,7 +622,8 @@ class HealthTracker:
                     arrays[f.name][rows_new] = np.asarray(getattr(src_grp.state, f.name))[rows_old]
                 q0[rows_new] = src_grp.q0[rows_old]
                 efc0[rows_new] = src_grp.efc0[rows_old]
-            rebuilt.append(dataclasses.replace(grp, state=AgingState(**arrays), q0=q0, efc0=efc0))
+                fade[rows_new] = src_grp.site_fade[rows_old]
+            rebuilt.append(dataclasses.replace(grp, state=AgingState(**arrays), q0=q0, efc0=efc0, site_fade=fade))
         out._state = dataclasses.replace(
             new,
             started=True,
@@ -660,13 +665,16 @@ class HealthTracker:
             law = self._laws[name]
             members = np.flatnonzero(np.array([x == name for x in pk.law_names])).astype(np.intp)
             state = law.initial_state(members.size * g)
-            # Only the rows with a first life to walk are stepped (one pack joining costs one pack).
+            fade = np.ones(members.size * g)
+            # Only the rows with a life to walk are stepped (one pack joining costs one pack).
             rows = np.flatnonzero(np.repeat(days[members], g) > 0)
             if rows.size:
                 d = np.repeat(days[members], g)[rows]
+                first = np.minimum(np.repeat(pk.first_life_days[members], g)[rows], d)
                 rate = np.repeat(per_day[members], g)[rows]
                 scalar = np.tile(self._grid, members.size)[rows]
                 sub = _take_state(state, rows)
+                q_intake = np.asarray(sub.q, dtype=np.float64).copy()
                 # The first-life stressors are constant: built once, only the chunk length changes.
                 base = Stressors.from_means(
                     dt_days=np.zeros(rows.size),
@@ -677,11 +685,27 @@ class HealthTracker:
                     c_rate_charge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
                     c_rate_discharge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
                 )
-                for _ in range(int(np.ceil(d.max() / _FIRST_LIFE_CHUNK_DAYS))):
-                    dt = np.clip(d - sub.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
+                # Chunks end at commissioning, where the intake test measured the pack.
+                chunks = int(np.ceil(first.max() / _FIRST_LIFE_CHUNK_DAYS) + np.ceil(d.max() / _FIRST_LIFE_CHUNK_DAYS))
+                for _ in range(chunks + 1):
+                    target = np.where(sub.t_days < first, first, d)
+                    dt = np.clip(target - sub.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
+                    if not np.any(dt > 0):
+                        break
                     sub = law.step(sub, dataclasses.replace(base, dt_days=dt, efc=rate * dt), scalar=scalar)
+                    q_intake = np.where((first > 0) & np.isclose(sub.t_days, first), np.asarray(sub.q), q_intake)
                 state = _put_state(state, rows, sub)
-            groups.append(_LawGroup(name=name, members=members, state=state, q0=state.q.copy(), efc0=state.efc.copy()))
+                fade[rows] = np.asarray(sub.q) / np.maximum(q_intake, _MIN_CURVE_Q)
+            groups.append(
+                _LawGroup(
+                    name=name,
+                    members=members,
+                    state=state,
+                    q0=state.q.copy(),
+                    efc0=state.efc.copy(),
+                    site_fade=fade,
+                )
+            )
         return tuple(groups)
 
     def checkpoint(
@@ -830,7 +854,11 @@ class HealthTracker:
         """Return the posterior weights over the grid (n, G) and h0's mean, variance per grid point, and r now."""
         s, o, pk = self._state, self.options, self._packs
         n, g = len(pk.pack_ids), self._grid.size
-        mu0 = pk.soh_prior[:, None]
+        # The intake SoH less the fade each grid scalar implies since commissioning.
+        fade = np.ones((n, g))
+        for grp in s.groups:
+            fade[grp.members] = grp.site_fade.reshape(grp.members.size, g)
+        mu0 = pk.soh_prior[:, None] * fade
         p0 = 1.0 / o.soh_prior_std**2
         a = s.cal_a + p0
         b = s.cal_b + mu0 * p0
@@ -964,6 +992,24 @@ class HealthTracker:
     def __repr__(self) -> str:
         """Return a short description."""
         return f"HealthTracker({len(self.pack_ids)} packs, {self._state.chunks} chunks)"
+
+
+def prior_soh(meta: pl.DataFrame, at_ms: int, options: HealthOptions = HealthOptions()) -> dict[str, float]:
+    """Each pack's SoH prior at ``at_ms``: its intake SoH (1 if new) less the fade since commissioning.
+
+    The fade is the pack's law at the median rate scalar, placed on its curve as the tracker
+    places it (first life at :data:`FIRST_LIFE`, then the site's life at
+    :attr:`HealthOptions.site_efc_per_day_prior`): the prior the tracker's posterior starts
+    from, for estimators that need one number per pack before any capacity is measured.
+    """
+    coarse = dataclasses.replace(options, scalar_grid_points=5)  # only the median point is read
+    tracker = HealthTracker(meta, coarse)
+    g = tracker._grid.size
+    fade = np.ones(len(tracker.pack_ids))
+    for grp in tracker._start_groups(at_ms):
+        fade[grp.members] = grp.site_fade.reshape(grp.members.size, g)[:, g // 2]
+    soh = np.clip(tracker._packs.soh_prior * fade, 0.05, 1.2)
+    return {p: float(v) for p, v in zip(tracker.pack_ids, soh, strict=True)}
 
 
 # ----------------------------------------------------------------------------------------------
