@@ -403,11 +403,15 @@ def test_outlook_energy_band_matches_a_monte_carlo_draw() -> None:
     rng = np.random.default_rng(11)
     soc = rng.uniform(0.35, 0.85, n)
     std = rng.uniform(0.01, 0.05, n)
-    options = OutlookOptions(common_soc_std=0.02)
+    options = OutlookOptions(soc_error_correlation=0.6, capacity_error_correlation=0.5)
     found = outlook(packs, soc, std, battery_w=None, load_w=None, options=options)
     draws = 20_000
-    soc_d = soc + std * rng.standard_normal((draws, n)) + 0.02 * rng.standard_normal((draws, 1))
-    cap_d = 1.0 + packs.capacity_rel_std * rng.standard_normal((draws, n))
+    kappa, rho = options.soc_error_correlation, options.capacity_error_correlation
+    # Each pack's error: its own part and its loading on an error common to all packs.
+    soc_common, cap_common = rng.standard_normal((draws, 1)), rng.standard_normal((draws, 1))
+    soc_d = soc + std * (np.sqrt(1.0 - kappa**2) * rng.standard_normal((draws, n)) + kappa * soc_common)
+    rel = packs.capacity_rel_std
+    cap_d = 1.0 + rel * (np.sqrt(1.0 - rho**2) * rng.standard_normal((draws, n)) + rho * cap_common)
     site = (zero_current_wh(packs, np.clip(soc_d, 0.0, 1.0), np.full(n, 25.0)) * cap_d).sum(axis=1) / 1000.0
     p5, p50, p95 = np.quantile(site, [0.05, 0.5, 0.95])
     assert found.energy_kwh == pytest.approx(p50, rel=0.01)

@@ -56,10 +56,12 @@ class EstimationOptions:
     capacity: CapacityOptions = field(default_factory=CapacityOptions)
     resistance: ResistanceOptions = field(default_factory=ResistanceOptions)
     health: HealthOptions = field(default_factory=HealthOptions)
-    #: Relative standard deviation of the capacity prior: a new pack's rated capacity holds to
-    #: a few per cent; a second-life pack's intake test was exact but it has aged since.
-    capacity_prior_rel_std_new: float = 0.04
-    capacity_prior_rel_std_second_life: float = 0.10
+    #: Relative standard deviation of the capacity prior besides the fade since commissioning
+    #: (whose spread the aging law's unknown rate scalar gives, :func:`expected_soh`): a new
+    #: pack's delivered capacity holds to a couple of per cent; a second-life pack's intake
+    #: figure carries the test's error and the cells' spread.
+    capacity_prior_rel_std_new: float = 0.02
+    capacity_prior_rel_std_second_life: float = 0.03
     #: SoC prior of a pack that has just appeared, and its standard deviation.
     soc0: float = 0.5
     soc0_std: float = 0.3
@@ -188,7 +190,7 @@ class SiteEstimation:
     def _rebuild(self, meta: pl.DataFrame) -> None:
         o = self.options
         full = self.full_meta if self.full_meta.height == meta.height else meta
-        aged = expected_soh(full, o)
+        aged, aged_std = expected_soh(full, o)
         info = PackInfo.from_meta(meta, soc0=o.soc0, soc0_std=o.soc0_std, soh_prior=aged)
         soc = SocEstimator(info, options=o.soc)
         if self.soc is not None:
@@ -201,7 +203,9 @@ class SiteEstimation:
         n_old = self._ah.size
         keep = np.arange(n_old, dtype=np.intp)  # known packs keep their rows (see add_meta)
         new = (meta.get_column("life") == "new").fill_null(value=False).to_numpy()
-        rel = np.where(new, o.capacity_prior_rel_std_new, o.capacity_prior_rel_std_second_life)
+        base = np.where(new, o.capacity_prior_rel_std_new, o.capacity_prior_rel_std_second_life)
+        fade_rel = np.array([aged_std[p] / aged[p] for p in meta.get_column("pack").to_list()])  # once per meta
+        rel = np.hypot(base, fade_rel)
         if self.capacity is None:
             self.capacity = CapacityTracker(prior, o.capacity, rel)
         else:
@@ -479,18 +483,18 @@ QUALITY_FLAGS: Final[tuple[tuple[int, str], ...]] = tuple(
 """Each SoC quality bit and its published name, in publishing order."""
 
 
-def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> dict[str, float]:
+def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> tuple[dict[str, float], dict[str, float]]:
     """Each pack's SoH prior: its intake SoH (1 for a new pack) less the fade expected since commissioning.
 
     A second-life pack's intake test was exact the day it was made, but the pack has aged on
     site since (``commissioned_ms`` to the metadata's ``ts_ms``). The chemistry's own aging law
     (:mod:`twin.chemistry.aging`, BLAST-Lite), placed on its curve by the pack's first life
-    and run over its site life, estimates by how much (:func:`twin.estimators.health.prior_soh`,
-    the health tracker's own prior at the median rate scalar). The capacity estimator then
-    corrects it from the pack's own data.
+    and run over its site life, estimates by how much, averaged over the law's unknown rate
+    scalar (:func:`twin.estimators.health.prior_soh`, the health tracker's own prior). The
+    capacity estimator then corrects it from the pack's own data.
 
     Returns:
-        SoH prior by pack id.
+        SoH prior by pack id, and its standard deviation from the rate scalar (SoH points).
     """
     at_ms = int(meta.get_column("ts_ms").max()) if meta.height else 0  # type: ignore[arg-type]
     return prior_soh(meta, at_ms, options.health)

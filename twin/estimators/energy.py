@@ -48,18 +48,20 @@ How :func:`site_outlook` finds the bands, cheaply and deterministically (no samp
 available pack's energy ``E_i`` at its SoC estimate is the median; its sensitivities are
 ``g_i = dE_i/dsoc`` (exact, from the OCV and the resistance at its SoC) and
 ``dE_i/dQ = E_i / Q``. The SoC error has an independent part ``soc_std_i`` per pack and a
-part ``c = common_soc_std`` shared by every pack (model bias); the capacity has a relative
-error ``r_i = capacity_rel_std`` of which a share ``rho = capacity_error_correlation`` is
+part ``kappa soc_std_i`` common to every pack (``kappa = soc_error_correlation``: a model
+bias errs the same way for packs under the same conditions, so the site's error does not
+average out over many packs); the capacity has a relative
+error ``r_i = capacity_rel_std`` loading by ``rho = capacity_error_correlation`` on an error
 common to all packs (a stale capacity prior errs the same way for every pack: they all aged
-since their intake test), so with ``a_i = E_i r_i``::
+since their intake test), so with ``b_i = g_i soc_std_i`` and ``a_i = E_i r_i``::
 
-    var_site = sum_i (g_i soc_std_i)² + (sum_i g_i c)² + (1 - rho²) sum_i a_i² + (rho sum_i a_i)²
+    var_site = (1 - kappa²) sum_i b_i² + (kappa sum_i b_i)² + (1 - rho²) sum_i a_i² + (rho sum_i a_i)²
     E_P5, E_P95 = E -+ z sqrt(var_site)                           (clipped at 0)
 
 Three scenarios of the packs' SoC (P5, P50, P95) carry these quantiles into the forward
 simulation: pack ``i`` is shifted by ``-+ z sigma_site v_i / var_site / g_i`` with
-``v_i = (g_i soc_std_i)² + (1 - rho²) a_i² + g_i c sum_j g_j c + rho a_i sum_j rho a_j`` its
-share of the variance (the
+``v_i = (1 - kappa²) b_i² + (1 - rho²) a_i² + kappa b_i sum_j kappa b_j + rho a_i sum_j rho a_j``
+its share of the variance (the
 conditional mean of its error given the site's), so each scenario's site energy moves by
 ``z sigma_site`` to first order; SoC is clipped to [0, 1]. Runtime and ride-through are one
 :func:`time_to_floor_s` call each with those three scenarios side by side.
@@ -480,8 +482,10 @@ class OutlookOptions:
     Attributes:
         floor_soc: reserve floor on each pack's usable SoC, fraction.
         quantile_z: the normal quantile of the bands (1.645: P5 and P95).
-        common_soc_std: SoC error shared by all packs (model bias), fraction.
-        capacity_error_correlation: share of each pack's capacity error common to all packs.
+        soc_error_correlation: loading of each pack's SoC error on an error common to all
+            packs (model bias shared by packs under the same conditions): the common part of
+            pack ``i``'s error has standard deviation ``soc_error_correlation * soc_std_i``.
+        capacity_error_correlation: the same for the capacity errors.
         horizon_s: give up (report ``inf``) beyond this, s.
         target_steps: forward-simulation steps aimed at to reach the floor.
         min_dt_s: the smallest simulation step, s.
@@ -491,7 +495,7 @@ class OutlookOptions:
 
     floor_soc: float = 0.10
     quantile_z: float = 1.6448536269514722
-    common_soc_std: float = 0.01
+    soc_error_correlation: float = 0.5
     capacity_error_correlation: float = 0.5
     horizon_s: float = 7 * 86400.0
     target_steps: int = 120
@@ -859,11 +863,11 @@ def site_outlook(
     temp = np.broadcast_to(np.asarray(temp_c, dtype=np.float64), (n,))
     current = np.nan_to_num(np.broadcast_to(np.asarray(current_a, dtype=np.float64), (n,)), nan=0.0)
     use = np.broadcast_to(np.asarray(available, dtype=np.bool_), (n,)) & np.isfinite(soc_a)
-    z, common, floor = options.quantile_z, options.common_soc_std, options.floor_soc
+    z, kappa, floor = options.quantile_z, options.soc_error_correlation, options.floor_soc
     s = np.where(use, np.clip(soc_a, 0.0, 1.0), np.nan)
 
     # Per pack: energy at the estimate and at the SoC band's ends (one call, three rows).
-    band = z * np.sqrt(std * std + common * common)
+    band = z * std
     # Row 0 at max(soc, floor): the same energy (zero below the floor), and the OCV and
     # resistance there give the slope dE/dsoc from above for a pack at or below the floor.
     stacked = np.stack([np.clip(s, floor, 1.0), np.clip(s - band, 0.0, 1.0), np.clip(s + band, 0.0, 1.0)])
@@ -878,11 +882,11 @@ def site_outlook(
     r_pack = r_scale[0] * rsoc[0] + packs.series_r_ohm
     g = np.where(use, np.clip(q * (packs.series * ocv[0] - np.abs(current) * r_pack), 0.0, None), 0.0)
     e0 = np.where(use, e, 0.0)
-    g_sum = float(g.sum())
     rho = options.capacity_error_correlation
     a = e0 * packs.capacity_rel_std
-    var_indep = (g * std) ** 2 + (1.0 - rho * rho) * a * a
-    share = var_indep + g * common * common * g_sum + rho * a * rho * float(a.sum())
+    b = np.where(use, g * std, 0.0)
+    var_indep = (1.0 - kappa * kappa) * b * b + (1.0 - rho * rho) * a * a
+    share = var_indep + kappa * b * kappa * float(b.sum()) + rho * a * rho * float(a.sum())
     var = float(share.sum())
     sigma = math.sqrt(var)
     total = float(e0.sum())

@@ -994,22 +994,44 @@ class HealthTracker:
         return f"HealthTracker({len(self.pack_ids)} packs, {self._state.chunks} chunks)"
 
 
-def prior_soh(meta: pl.DataFrame, at_ms: int, options: HealthOptions = HealthOptions()) -> dict[str, float]:
-    """Each pack's SoH prior at ``at_ms``: its intake SoH (1 if new) less the fade since commissioning.
+def prior_soh(
+    meta: pl.DataFrame, at_ms: int, options: HealthOptions = HealthOptions()
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each pack's SoH prior at ``at_ms`` and its spread from the unknown rate scalar.
 
-    The fade is the pack's law at the median rate scalar, placed on its curve as the tracker
-    places it (first life at :data:`FIRST_LIFE`, then the site's life at
-    :attr:`HealthOptions.site_efc_per_day_prior`): the prior the tracker's posterior starts
-    from, for estimators that need one number per pack before any capacity is measured.
+    The mean is the intake SoH (1 if new) times the fade since commissioning, averaged over the
+    scalar's prior; the spread is that fade's standard deviation under the same prior (the law
+    placed on its curve as the tracker places it: first life at :data:`FIRST_LIFE`, then the
+    site's life at :attr:`HealthOptions.site_efc_per_day_prior`). For estimators that need one
+    number per pack before any capacity is measured; the intake test's own error is not in the
+    spread.
+
+    Returns:
+        SoH prior by pack id, and its standard deviation (SoH points) by pack id.
     """
-    coarse = dataclasses.replace(options, scalar_grid_points=5)  # only the median point is read
+    coarse = dataclasses.replace(options, scalar_grid_points=9)
     tracker = HealthTracker(meta, coarse)
     g = tracker._grid.size
-    fade = np.ones(len(tracker.pack_ids))
+    weight = np.exp(tracker._log_prior)
+    weight /= weight.sum()
+    n = len(tracker.pack_ids)
+    fade = np.ones((n, g))
+    placed = np.ones((n, g), dtype=np.bool_)
     for grp in tracker._start_groups(at_ms):
-        fade[grp.members] = grp.site_fade.reshape(grp.members.size, g)[:, g // 2]
-    soh = np.clip(tracker._packs.soh_prior * fade, 0.05, 1.2)
-    return {p: float(v) for p, v in zip(tracker.pack_ids, soh, strict=True)}
+        fade[grp.members] = grp.site_fade.reshape(grp.members.size, g)
+        placed[grp.members] = (grp.q0 > _MIN_CURVE_Q).reshape(grp.members.size, g)
+    placed |= ~placed.any(axis=1, keepdims=True)  # as the posterior weighs them
+    w = np.where(placed, weight[None, :], 0.0)
+    w /= w.sum(axis=1, keepdims=True)
+    soh = tracker._packs.soh_prior[:, None] * fade
+    mean = np.sum(w * soh, axis=1)
+    std = np.sqrt(np.maximum(np.sum(w * (soh - mean[:, None]) ** 2, axis=1), 0.0))
+    mean = np.clip(mean, 0.05, 1.2)
+    ids = tracker.pack_ids
+    return (
+        {p: float(v) for p, v in zip(ids, mean, strict=True)},
+        {p: float(v) for p, v in zip(ids, std, strict=True)},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
