@@ -74,11 +74,12 @@ def test_batching_does_not_change_the_results(recording: tuple[pl.DataFrame, pl.
     random_split = _final(_run(meta, pieces), end)
     _assert_same(whole, per_time)
     _assert_same(whole, random_split)
-    # And the checkpoints did their work: capacity moved from its prior for some pack.
+    # And the checkpoints did their work: capacity moved from its prior for some pack. (Its
+    # std may also grow a little: the forgetting factor discounts the prior with every pair.)
     prior = SiteEstimation(OPTIONS)
     prior.add_meta(meta)
     assert prior.capacity is not None
-    assert np.all(whole["capacity_std_ah"] <= prior.capacity.estimate().capacity_std_ah)
+    assert np.any(whole["capacity_ah"] != prior.capacity.estimate().capacity_ah)
     assert np.any(whole["capacity_std_ah"] < prior.capacity.estimate().capacity_std_ah)
 
 
