@@ -432,6 +432,54 @@ class AlertSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class _StepRows:
+    """One grid step's rows: per-pack aggregates (with ``_i``), row and late counts, the meter."""
+
+    agg: pl.DataFrame
+    rows: int
+    late: int
+    meter_w: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Steps:
+    """The aggregates of consecutive grid steps (:meth:`AlertEngine._steps`), sliced per step."""
+
+    agg: pl.DataFrame  # sorted by _tick
+    agg_ticks: NDArray[np.int64]
+    ticks: NDArray[np.int64]  # the steps with rows, ascending
+    rows: NDArray[np.int64]
+    late: NDArray[np.int64]
+    meter: dict[int, float | None]
+
+    def rows_at(self, tick: int) -> int:
+        """Rows of the step at ``tick``."""
+        k = int(np.searchsorted(self.ticks, tick))
+        return int(self.rows[k]) if k < self.ticks.size and self.ticks[k] == tick else 0
+
+    def at(self, tick: int) -> _StepRows:
+        """The step at ``tick`` (empty without rows)."""
+        a, b = np.searchsorted(self.agg_ticks, [tick, tick + 1])
+        k = int(np.searchsorted(self.ticks, tick))
+        has = k < self.ticks.size and self.ticks[k] == tick
+        return _StepRows(
+            agg=self.agg.slice(int(a), int(b - a)),
+            rows=int(self.rows[k]) if has else 0,
+            late=int(self.late[k]) if has else 0,
+            meter_w=self.meter.get(tick),
+        )
+
+    def next_rows_tick(self, tick: int, pending: pl.DataFrame, tick_ms: int) -> int | None:
+        """The first grid time after ``tick`` with rows (in these steps, else in ``pending``), or None."""
+        k = int(np.searchsorted(self.ticks, tick, side="right"))
+        if k < self.ticks.size:
+            return int(self.ticks[k])
+        if pending.height:
+            return -(-int(pending["ts_ms"].min()) // tick_ms) * tick_ms  # type: ignore[arg-type]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class _Tick:
     """What one grid step's rows bring, beyond the per-pack state."""
 
@@ -561,27 +609,22 @@ class AlertEngine:
         limit = min(now_ms, self._watermark - round(self.options.settle_s * 1000))
         out: list[c.Alert] = []
         per_pack = self._constants(core)
-        while self._next_tick <= limit:
+        steps = self._steps(limit) if self._next_tick <= limit else None
+        while steps is not None and self._next_tick <= limit:
             tick = self._next_tick
-            if self._pending.height and int(self._pending["ts_ms"].max()) <= tick:  # type: ignore[arg-type]
-                head, self._pending = self._pending, self._pending.clear()
-            else:
-                head = self._pending.filter(pl.col("ts_ms") <= tick)
-                self._pending = self._pending.filter(pl.col("ts_ms") > tick)
-            site_head = self._pending_site.filter(pl.col("ts_ms") <= tick)
-            self._pending_site = self._pending_site.filter(pl.col("ts_ms") > tick)
             self._apply_status(tick)
-            step = self._fold(head, site_head, tick)
+            step = self._fold(steps.at(tick), tick)
             out += self._evaluate(tick, step, core, per_pack)
             self.counters["ticks"] += 1
             self._next_tick = tick + self._tick_ms
-            if head.height:
+            if steps.rows_at(tick):
                 self._last_rows_tick = tick
-            elif self._pending.height:
+            else:
                 # A gap in the data: step on until every pack is stale, then skip to the data.
-                resume = -(-int(self._pending["ts_ms"].min()) // self._tick_ms) * self._tick_ms  # type: ignore[arg-type]
-                if self._next_tick > self._stale_horizon(self._last_rows_tick) and resume > self._next_tick:
-                    self._next_tick = resume
+                following = steps.next_rows_tick(tick, self._pending, self._tick_ms)
+                stale = self._next_tick > self._stale_horizon(self._last_rows_tick)
+                if following is not None and stale and following > self._next_tick:
+                    self._next_tick = following
         self._voltage_residuals(core)
         return out
 
@@ -660,18 +703,60 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ folding
 
-    def _fold(self, rows: pl.DataFrame, site_rows: pl.DataFrame, tick: int) -> _Tick:
-        """Fold the rows of one grid step into the per-pack state."""
+    def _steps(self, limit: int) -> _Steps:
+        """Cut the pending rows due by ``limit`` into grid steps, aggregated in one pass.
+
+        A row belongs to the first grid time at or after its ``ts_ms`` (a late row, older than
+        the next grid time, to the next grid time); the per-pack aggregates of every step are
+        one group-by over (step, pack), so the per-step loop only slices arrays.
+        """
+        t_ms = self._tick_ms
+        first = self._next_tick
+        assert first is not None
+        last = first + (limit - first) // t_ms * t_ms
+        step_of = pl.max_horizontal(((pl.col("ts_ms") + t_ms - 1) // t_ms) * t_ms, pl.lit(first, pl.Int64))
+        due = self._pending.filter(pl.col("ts_ms") <= last).with_columns(step_of.alias("_tick"))
+        self._pending = self._pending.filter(pl.col("ts_ms") > last)
+        site = self._pending_site.filter(pl.col("ts_ms") <= last).with_columns(step_of.alias("_tick"))
+        self._pending_site = self._pending_site.filter(pl.col("ts_ms") > last)
+        # One sorted integer key per (step, pack): polars then sums each group as one slice, the
+        # same bits as a step's rows alone (two keys would gather, and round differently).
+        width = self._lookup.height + 1
+        keyed = due.join(self._lookup, on="pack", how="inner").with_columns(
+            ((pl.col("_tick") - first) // t_ms * width + pl.col("_i")).alias("_key")
+        )
+        agg = _aggregate(keyed, by="_key").sort("_key")
+        tick_of = due["_tick"].to_numpy()
+        ticks, where, rows = np.unique(tick_of, return_inverse=True, return_counts=True)
+        late = np.bincount(where, weights=due["ts_ms"].to_numpy() <= tick_of - t_ms, minlength=ticks.size)
+        meter: dict[int, float | None] = {}
+        if site.height:
+            means = (
+                site.sort("_tick", maintain_order=True)
+                .group_by("_tick", maintain_order=True)
+                .agg(pl.col("battery_w").mean())
+            )
+            meter = {int(t): (None if m is None else float(m)) for t, m in means.iter_rows()}  # per step
+        return _Steps(
+            agg=agg,
+            agg_ticks=agg["_tick"].to_numpy(),
+            ticks=ticks.astype(np.int64),
+            rows=rows.astype(np.int64),
+            late=late.astype(np.int64),
+            meter=meter,
+        )
+
+    def _fold(self, step: _StepRows, tick: int) -> _Tick:
+        """Fold the (aggregated) rows of one grid step into the per-pack state."""
         s = self._packs
         n = len(self._ids)
         slot = (tick // self._tick_ms) % self._ring_n
         s.ring[:, slot] = np.nan
         temp_avg = np.full(n, np.nan)
         power = np.full(n, np.nan)
-        if rows.height:
-            late = int((rows["ts_ms"] <= tick - self._tick_ms).sum())
-            self.counters["late_rows"] += late
-            agg = _aggregate(rows).join(self._lookup, on="pack", how="inner", maintain_order="left")
+        agg = step.agg
+        if step.rows:
+            self.counters["late_rows"] += step.late
             i = agg["_i"].to_numpy()
             ts = agg["ts"].to_numpy()
             last_before = s.last_ts[i].copy()
@@ -712,10 +797,7 @@ class AlertEngine:
             temp_avg[i] = agg["temp_avg_mean"].to_numpy()
             power[i] = agg["power_mean"].to_numpy()
             s.power_w[i] = power[i]
-        meter: float | None = None
-        if site_rows.height:
-            value = site_rows["battery_w"].mean()
-            meter = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        meter = step.meter_w if step.meter_w is not None and math.isfinite(step.meter_w) else None
         return _Tick(temp_avg=temp_avg, power=power, meter_w=meter)
 
     # ------------------------------------------------------------------ evaluation
@@ -1217,16 +1299,18 @@ _STATUS_SCHEMA: Final = {"pack": pl.String, "state": pl.String, "ts_ms": pl.Int6
 _CELL_KINDS: Final = frozenset({"cell_overvoltage", "cell_undervoltage", "cell_imbalance"})
 
 
-def _aggregate(rows: pl.DataFrame) -> pl.DataFrame:
-    """Per pack: the step's count, sequence span, last readings, means and when each watched reading changed."""
+def _aggregate(rows: pl.DataFrame, *, by: str) -> pl.DataFrame:
+    """Per (step, pack) key ``by``: count, sequence span, last readings, means, last change of each reading."""
     changed = [
         pl.col("ts_ms").filter(pl.col(name) != pl.col(name).shift(1)).max().cast(pl.Float64).alias(f"{name}__chg")
         for name in _STUCK
     ]
     return (
-        rows.sort("pack", "ts_ms")
-        .group_by("pack", maintain_order=True)
+        rows.sort(by, "ts_ms")
+        .group_by(by, maintain_order=True)
         .agg(
+            pl.col("_tick").first(),
+            pl.col("_i").first(),
             pl.len().cast(pl.Int64).alias("n"),
             pl.col("ts_ms").first().alias("ts_first"),
             pl.col("ts_ms").last().alias("ts"),
