@@ -8,12 +8,13 @@ evaluate --json``; the figures are printed whatever the outcome.
 Asserted are the targets the twin meets today: on nevada (60 packs, 4 h) every chemistry's
 SoC RMSE target, three times better than the BMS over all packs, and site energy, runtime
 and ride-through within 5 %; on cold_lfp (24 h) the LFP and NMC SoC targets and the energy
-within 5 %; the P5-P95 band holds the truth at least 80 % of the time on both. The rest are
-printed and reported in the issue, never hidden behind an expected failure: on cold_lfp the
-twin is better than the BMS but not three times (the BMS counters start a day at the truth
-and the LFP plateau gives the filter nothing until the charge reaches the steep top), its
-ride-through MAPE is just above 5 %, and the bands are too wide for the issue's 98 % upper
-bound (the truth falls inside every time).
+and ride-through within 5 %; the P5-P95 band holds the truth at least 80 % of the time on
+both. The rest are printed and reported in the issue, never hidden behind an expected
+failure: on cold_lfp the twin is better than the BMS but not three times (the LFP packs rest
+on their plateau for the first hours, where the twin starting cold has nothing to go on and
+the BMS counters start at the truth; once the day's charge reaches the steep top the twin is
+at 1 % and the BMS at 5 %), and the bands are too wide for the issue's 98 % upper bound (the
+truth falls inside every time: the LFP packs' SoC uncertainty on the plateau dominates them).
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def test_nevada_energy_runtime_and_ridethrough_are_within_five_percent(nevada: d
 
 
 @pytest.mark.slow
-def test_cold_lfp_energy_is_within_five_percent(cold_lfp: dict[str, Any]) -> None:
+def test_cold_lfp_energy_and_ridethrough_are_within_five_percent(cold_lfp: dict[str, Any]) -> None:
     assert cold_lfp["energy_mape"] <= 0.05
+    assert cold_lfp["ridethrough_mape"] is not None
+    assert cold_lfp["ridethrough_mape"] <= 0.05
 
 
 @pytest.mark.slow

@@ -259,7 +259,9 @@ PACK_KINDS: Final = (
     KindSpec("over_temperature", "critical", None, None, "the hottest sensor above the threshold"),
     KindSpec("temperature_rise", "warning", 60.0, 120.0, "the hottest sensor rising fast"),
     KindSpec("over_current", "warning", 10.0, None, "current beyond the pack's limit"),
-    KindSpec("cell_imbalance", "warning", 60.0, 300.0, "cell voltages spread beyond the threshold"),
+    # A weak cell shows only in part of a cycle (under load, away from full): the imbalance
+    # clears after a day below the clear level, not at every rest (no flapping).
+    KindSpec("cell_imbalance", "warning", 60.0, 86_400.0, "cell voltages spread beyond the threshold"),
     KindSpec("pack_offline", "warning", 0.0, 30.0, "the pack is offline or its telemetry stale"),
     KindSpec("contactor_open", "warning", 10.0, 30.0, "the pack's contactor is open: it cannot deliver"),
     KindSpec("telemetry_loss", "warning", 60.0, 120.0, "telemetry messages are being lost"),
