@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+from numpy.typing import NDArray
 
 from twin import contract as c
 from twin.errors import TwinError
@@ -193,7 +195,7 @@ def replay_run(
         nonlocal meta_pending
         assert start_ms is not None
         frames = dict(empty)
-        frames["telemetry"] = _with_msg(tele.drop("_w"))
+        frames["telemetry"] = _with_msg(tele)
         if meta_pending:
             frames["meta"] = _with_msg(run.meta)
             meta_pending = False
@@ -212,24 +214,20 @@ def replay_run(
     site_w: dict[int, pl.DataFrame] = {}
     empty_status = run.status.clear()
     empty_site = run.site_rows.clear()
-    carry: pl.DataFrame | None = None
+    carry: _Windowed | None = None
     last_w = -1
     for batch in run.telemetry_batches(options.batch_rows):
         if start_ms is None:
             start_ms = int(batch["ts_ms"].min())  # type: ignore[arg-type]
             status_w = _by_window(run.status, window_of())
             site_w = _by_window(run.site_rows, window_of())
-        frame = batch.with_columns(window_of())
+        frame = _Windowed.of(batch, start_ms, every_ms)
         if carry is not None:
-            frame = pl.concat([carry, frame])
+            frame = carry.then(frame)
         # The last window of a batch may continue in the next one: keep it back.
-        top = int(frame["_w"].max())  # type: ignore[arg-type]
-        carry = frame.filter(pl.col("_w") == top)
-        ready = frame.filter(pl.col("_w") < top)
-        parts = ready.partition_by("_w", as_dict=True)
-        for key in sorted(parts, key=lambda k: int(k[0])):
-            part = parts[key]
-            w = int(key[0])
+        ready, carry = frame.split_top()
+        for w_file, part in ready.parts():
+            w = w_file
             if w <= last_w:  # out of order in the file: fold into the next window (the core counts it late)
                 w = last_w + 1
             for skipped in range(last_w + 1, w):  # windows without telemetry still get their views
@@ -239,11 +237,11 @@ def replay_run(
         done_rows += batch.height
         if progress is not None:
             progress(done_rows)
-    if carry is not None and carry.height:
-        w = max(int(carry["_w"][0]), last_w + 1)
+    if carry is not None and carry.frame.height:
+        w = max(int(carry.w[0]), last_w + 1)
         for skipped in range(last_w + 1, w):
-            run_window(skipped, carry.clear())
-        run_window(w, carry)
+            run_window(skipped, carry.frame.clear())
+        run_window(w, carry.frame)
         last_w = w
     wall_s = time.perf_counter() - started
     estimates = pl.concat(packs_out, how="vertical_relaxed") if packs_out else pl.DataFrame()
@@ -322,6 +320,58 @@ def _conform(frame: pl.DataFrame, model: type[c.Message]) -> pl.DataFrame:
 
 def _with_msg(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("msg"), pl.all())
+
+
+@dataclass(frozen=True, slots=True)
+class _Windowed:
+    """Telemetry rows and the replay window of each (``w``, aligned with the rows), cut without copies.
+
+    Window ``w`` holds the rows stamped in ``(start + (w-1) every, start + w every]`` (0 for
+    anything before the start). Rows in file order whose windows never decrease (what every
+    writer produces) are cut into zero-copy slices; otherwise the rows are grouped by window
+    with a stable sort, so each window keeps its rows in file order either way.
+    """
+
+    frame: pl.DataFrame
+    w: NDArray[np.int64]
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame, start_ms: int, every_ms: int) -> _Windowed:
+        """Window the rows of ``frame``."""
+        ts = frame.get_column("ts_ms").to_numpy()
+        w = np.maximum((ts - start_ms + every_ms - 1) // every_ms, 0).astype(np.int64, copy=False)
+        return cls(frame, w)
+
+    def then(self, other: _Windowed) -> _Windowed:
+        """These rows followed by ``other``'s."""
+        return _Windowed(pl.concat([self.frame, other.frame]), np.concatenate([self.w, other.w]))
+
+    def split_top(self) -> tuple[_Windowed, _Windowed]:
+        """Split off the rows of the highest window (it may continue in the next batch)."""
+        if self.w.size == 0:
+            return self, self
+        below = self.w < self.w.max()
+        n = int(np.count_nonzero(below))
+        if bool(below[:n].all()):  # the top window's rows come last: two slices
+            return _Windowed(self.frame.slice(0, n), self.w[:n]), _Windowed(self.frame.slice(n), self.w[n:])
+        keep = pl.Series(below)
+        return (
+            _Windowed(self.frame.filter(keep), self.w[below]),
+            _Windowed(self.frame.filter(~keep), self.w[~below]),
+        )
+
+    def parts(self) -> Iterator[tuple[int, pl.DataFrame]]:
+        """Yield each window present and its rows, in window order (rows in file order within one)."""
+        frame, w = self.frame, self.w
+        if w.size == 0:
+            return
+        if not bool(np.all(w[1:] >= w[:-1])):
+            order = np.argsort(w, kind="stable")
+            frame, w = frame[order], w[order]
+        cuts = np.flatnonzero(w[1:] != w[:-1]) + 1
+        bounds = np.concatenate([[0], cuts, [w.size]])
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):  # per window, not per row
+            yield int(w[lo]), frame.slice(lo, hi - lo)
 
 
 def _by_window(frame: pl.DataFrame, window: pl.Expr) -> dict[int, pl.DataFrame]:

@@ -157,6 +157,8 @@ class _Packs:
     fault_bits: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     status_online: B = field(default_factory=lambda: np.zeros(0, dtype=bool))
     has_meta: B = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # Highest seq accepted per pack (ever): rows above it cannot be duplicates (ingest's fast path).
+    seq_high: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     chemistry: list[str | None] = field(default_factory=list)
     life: list[str | None] = field(default_factory=list)
 
@@ -174,6 +176,7 @@ class _Packs:
         self.fault_bits = np.concatenate([self.fault_bits, np.zeros(k, dtype=np.int64)])
         self.status_online = np.concatenate([self.status_online, np.ones(k, dtype=bool)])
         self.has_meta = np.concatenate([self.has_meta, np.zeros(k, dtype=bool)])
+        self.seq_high = np.concatenate([self.seq_high, np.full(k, _NO_SEQ, dtype=np.int64)])
         self.chemistry.extend([None] * k)
         self.life.extend([None] * k)
 
@@ -202,7 +205,11 @@ class TwinCore:
         self.packs = _Packs()
         self.watermark_ms = 0
         self.site_row: dict[str, object] | None = None
-        self._recent = pl.DataFrame(schema={"pack": pl.String, "seq": pl.Int64, "ts_ms": pl.Int64})
+        # (pack, seq, ts_ms) of the rows accepted within the late window, as the pieces each batch
+        # added and the newest piece time; trimmed to ts_ms >= _recent_from when read (_recent()).
+        self._recent_parts: list[tuple[pl.DataFrame, int]] = []
+        self._recent_from: int | None = None
+        self._lookup_frame = pl.DataFrame(schema={"pack": pl.String, "idx": pl.Int64})
         self.counters: dict[str, int] = {"duplicate": 0, "late": 0, "clock_skew": 0, "cardinality_cap": 0}
         self.estimation = SiteEstimation(
             options.estimation or EstimationOptions(reserve_floor_soc=options.reserve_floor_soc)
@@ -217,18 +224,71 @@ class TwinCore:
 
     # ------------------------------------------------------------------ ingest
 
-    def _register(self, packs: pl.Series) -> list[str]:
-        """Register unseen packs up to the cap; return those refused."""
-        unseen = [p for p in packs.unique(maintain_order=True).to_list() if p not in self.packs.index]
+    def _register(self, packs: pl.Series, idx: NDArray[np.int64] | None = None) -> list[str]:
+        """Register unseen packs up to the cap; return those refused.
+
+        ``idx`` is :meth:`_indices` of ``packs`` when the caller has it already.
+        """
+        idx = self._indices(packs) if idx is None else idx
+        if bool(np.all(idx >= 0)):
+            return []
+        seen = set(self.packs.index)
+        fresh = packs.filter(pl.Series(idx < 0)).unique(maintain_order=True).to_list()
+        unseen = [p for p in fresh if p not in seen]  # a null id is never in the index: kept, as before
         room = max(self.options.max_packs - len(self.packs.ids), 0)
         if unseen:
             self.packs.grow(unseen[:room])
         return unseen[room:]
 
     def _indices(self, packs: pl.Series) -> NDArray[np.int64]:
-        lookup = pl.DataFrame({"pack": self.packs.ids, "idx": np.arange(len(self.packs.ids), dtype=np.int64)})
-        joined = pl.DataFrame({"pack": packs}).join(lookup, on="pack", how="left", maintain_order="left")
-        return joined["idx"].to_numpy()
+        """Each pack's index in the mirror (-1: not registered)."""
+        if self._lookup_frame.height != len(self.packs.ids):  # the pack set grew (rarely)
+            self._lookup_frame = pl.DataFrame(
+                {"pack": self.packs.ids, "idx": np.arange(len(self.packs.ids), dtype=np.int64)},
+                schema={"pack": pl.String, "idx": pl.Int64},
+            )
+        joined = packs.to_frame("pack").join(self._lookup_frame, on="pack", how="left", maintain_order="left")
+        out: NDArray[np.int64] = joined.get_column("idx").fill_null(-1).to_numpy()
+        return out
+
+    def _recent(self) -> pl.DataFrame:
+        """The (pack, seq, ts_ms) of the rows accepted within the late window (for the duplicate rule)."""
+        parts = [part for part, _ in self._recent_parts]
+        if not parts:
+            return pl.DataFrame(schema={"pack": pl.String, "seq": pl.Int64, "ts_ms": pl.Int64})
+        recent = pl.concat(parts) if len(parts) > 1 else parts[0]
+        return recent.filter(pl.col("ts_ms") >= self._recent_from)
+
+    def _remember(self, tele: pl.DataFrame, keep_from: int) -> None:
+        """Add accepted rows to the late window's memory and drop pieces entirely before ``keep_from``.
+
+        ``keep_from`` never decreases (the watermark only moves forward), so trimming at read
+        time keeps exactly the rows that trimming at every batch would keep.
+        """
+        newest = tele.get_column("ts_ms").max()
+        self._recent_parts.append((tele.select("pack", "seq", "ts_ms"), -1 if newest is None else int(newest)))  # type: ignore[arg-type]
+        self._recent_parts = [(part, top) for part, top in self._recent_parts if top >= keep_from]
+        self._recent_from = keep_from
+
+    def _no_duplicates(self, idx: NDArray[np.int64], seq: NDArray[np.int64]) -> bool:
+        """True when no (pack, seq) of the batch repeats within it or what came before (vectorised).
+
+        Sufficient, not necessary: each pack's seq strictly rises through the batch and starts
+        above every seq it has had accepted. Anything else (a redelivery, a device that
+        restarted its count) is settled exactly by :meth:`_drop_duplicates`.
+        """
+        order = np.argsort(idx, kind="stable")
+        p, q = idx[order], seq[order]
+        same = p[1:] == p[:-1]
+        if not bool(np.all((q[1:] > q[:-1]) | ~same)):
+            return False
+        first = np.concatenate([[True], ~same])
+        return bool(np.all(q[first] > self.packs.seq_high[p[first]]))
+
+    def _drop_duplicates(self, tele: pl.DataFrame) -> pl.DataFrame:
+        """Drop rows whose (pack, seq) came before, in the batch or within the late window."""
+        tele = tele.unique(subset=["pack", "seq"], keep="first", maintain_order=True)
+        return tele.join(self._recent().select("pack", "seq"), on=["pack", "seq"], how="anti", maintain_order="left")
 
     def ingest(self, decoded: Decoded, *, now_ms: int) -> IngestResult:
         """Update the mirror with one decoded batch.
@@ -250,63 +310,103 @@ class TwinCore:
 
         tele = decoded.telemetry
         skew_limit = now_ms + int(self.options.max_clock_skew_s * 1000)
-        skewed = tele.filter(pl.col("ts_ms") > skew_limit)
-        if skewed.height:
+        newest = tele.get_column("ts_ms").max()
+        if newest is not None and newest > skew_limit:  # type: ignore[operator]
+            skewed = tele.filter(pl.col("ts_ms") > skew_limit)
             self.counters["clock_skew"] += skewed.height
             rejects.append(
                 _reject(skewed, "clock_skew", f"timestamp more than {self.options.max_clock_skew_s:g} s ahead")
             )
             tele = tele.filter(pl.col("ts_ms") <= skew_limit)
-        refused = self._register(tele["pack"]) if tele.height else []
+        idx = self._indices(tele.get_column("pack"))
+        refused = self._register(tele.get_column("pack"), idx) if tele.height else []
         if refused:
             capped = tele.filter(pl.col("pack").is_in(refused))
             self.counters["cardinality_cap"] += capped.height
             rejects.append(_reject(capped, "cardinality_cap", f"more than {self.options.max_packs} packs"))
             tele = tele.filter(~pl.col("pack").is_in(refused))
+        if not bool(np.all(idx >= 0)):  # packs were registered or refused: look the rest up again
+            idx = self._indices(tele.get_column("pack"))
 
         # Duplicates: within the batch, and against what was seen within the late window.
         before = tele.height
-        tele = tele.unique(subset=["pack", "seq"], keep="first", maintain_order=True)
-        tele = tele.join(self._recent.select("pack", "seq"), on=["pack", "seq"], how="anti", maintain_order="left")
+        complete = tele.select(pl.col("pack", "seq", "ts_ms").null_count()).row(0) == (0, 0, 0)
+        if tele.height and not (complete and self._no_duplicates(idx, tele.get_column("seq").to_numpy())):
+            tele = self._drop_duplicates(tele)
+            idx = self._indices(tele.get_column("pack"))
         duplicates = before - tele.height
         self.counters["duplicate"] += duplicates
 
         late = 0
         if tele.height:
             horizon = watermark_before - int(self.options.late_window_s * 1000)
-            late = int((tele["ts_ms"] < horizon).sum())
+            ts = tele.get_column("ts_ms")
+            late = int((ts < horizon).sum())
             self.counters["late"] += late
-            self.watermark_ms = max(self.watermark_ms, int(tele["ts_ms"].max()))  # type: ignore[arg-type]
-            keep_from = self.watermark_ms - int(self.options.late_window_s * 1000)
-            self._recent = pl.concat([self._recent, tele.select("pack", "seq", "ts_ms")]).filter(
-                pl.col("ts_ms") >= keep_from
+            self.watermark_ms = max(self.watermark_ms, int(ts.max()))  # type: ignore[arg-type]
+            self._remember(tele, self.watermark_ms - int(self.options.late_window_s * 1000))
+            accepted = idx >= 0
+            np.maximum.at(
+                self.packs.seq_high, idx[accepted], tele.get_column("seq").fill_null(_NO_SEQ).to_numpy()[accepted]
             )
-            self._apply_telemetry(tele)
+            self._apply_telemetry(tele, idx)
             self.estimation.update(tele)
-        tags = pl.DataFrame(
-            {"pack": self.packs.ids, "chemistry": self.packs.chemistry, "life": self.packs.life},
-            schema={"pack": pl.String, "chemistry": pl.String, "life": pl.String},
-        )
-        tagged = tele.join(tags, on="pack", how="left", maintain_order="left")
         return IngestResult(
-            telemetry=tagged,
+            telemetry=self._tagged(tele, idx),
             rejects=pl.concat(rejects) if rejects else pl.DataFrame(schema=_REJECT_SCHEMA),
             duplicates=duplicates,
             late=late,
         )
 
-    def _apply_telemetry(self, tele: pl.DataFrame) -> None:
-        latest = tele.sort("ts_ms").group_by("pack", maintain_order=True).last()
-        idx = self._indices(latest["pack"])
-        newer = latest["ts_ms"].to_numpy() > self.packs.last_ts_ms[idx]
-        idx, rows = idx[newer], latest.filter(pl.Series(newer))
-        p = self.packs
+    def _tagged(self, tele: pl.DataFrame, idx: NDArray[np.int64]) -> pl.DataFrame:
+        """The rows with their pack's chemistry and life tags (null for a pack without metadata)."""
+        tags = pl.DataFrame(
+            {"pack": self.packs.ids, "chemistry": self.packs.chemistry, "life": self.packs.life},
+            schema={"pack": pl.String, "chemistry": pl.String, "life": pl.String},
+        )
+        if not bool(np.all(idx >= 0)):  # a pack that is not registered (a null id): join, as before
+            return tele.join(tags, on="pack", how="left", maintain_order="left")
+        rows = pl.Series(idx)
+        return tele.with_columns(tags.get_column("chemistry").gather(rows), tags.get_column("life").gather(rows))
+
+    @staticmethod
+    def _newest_in_order(tele: pl.DataFrame, idx: NDArray[np.int64]) -> tuple[NDArray[np.int64], pl.DataFrame] | None:
+        """Each pack's newest row when every pack's times strictly rise through the batch (else None).
+
+        Vectorised: a stable sort by pack index (rows keep their batch order within a pack),
+        and each pack's last row. With ties or disorder in time, null times or unknown packs
+        the caller takes the general way.
+        """
+        ts = tele.get_column("ts_ms")
+        if ts.null_count() or not bool(np.all(idx >= 0)):
+            return None
+        order = np.argsort(idx, kind="stable")
+        p, t = idx[order], ts.to_numpy()[order]
+        step = p[1:] != p[:-1]
+        if not bool(np.all((t[1:] > t[:-1]) | step)):
+            return None
+        ends = np.flatnonzero(np.append(step, True))  # each pack's last row
+        return p[ends], tele[order[ends]]
+
+    def _apply_telemetry(self, tele: pl.DataFrame, idx: NDArray[np.int64]) -> None:
+        """Move each pack's mirror to its newest row of the batch, if newer than what it holds."""
+        newest = self._newest_in_order(tele, idx)
+        if newest is not None:
+            idx, latest = newest
+        else:
+            latest = tele.sort("ts_ms").group_by("pack", maintain_order=True).last()
+            idx = self._indices(latest.get_column("pack"))
+            known = idx >= 0
+            idx, latest = idx[known], latest.filter(pl.Series(known))
+        newer = latest.get_column("ts_ms").to_numpy() > self.packs.last_ts_ms[idx]
+        idx, rows_new = idx[newer], latest.filter(pl.Series(newer))
+        packs = self.packs
         for name in _TELEMETRY_VALUES:  # a fixed handful of columns, each updated for all packs at once
-            p.values[name][idx] = rows[name].to_numpy()
-        p.last_ts_ms[idx] = rows["ts_ms"].to_numpy()
-        p.last_seq[idx] = rows["seq"].to_numpy()
-        p.contactor_closed[idx] = rows["contactor_closed"].to_numpy()
-        p.fault_bits[idx] = rows["fault_bits"].to_numpy()
+            packs.values[name][idx] = rows_new[name].to_numpy()
+        packs.last_ts_ms[idx] = rows_new["ts_ms"].to_numpy()
+        packs.last_seq[idx] = rows_new["seq"].to_numpy()
+        packs.contactor_closed[idx] = rows_new["contactor_closed"].to_numpy()
+        packs.fault_bits[idx] = rows_new["fault_bits"].to_numpy()
 
     def _apply_meta(self, meta: pl.DataFrame) -> None:
         if meta.height == 0:
@@ -554,6 +654,7 @@ _SITE_RENAMES: Final = {
 }
 
 
+_NO_SEQ: Final = np.iinfo(np.int64).min  # seq_high of a pack with nothing accepted yet
 _NO_META_BIT: Final = 1 << 40
 _OFFLINE_BIT: Final = 1 << 41
 _QUALITY_NAMES: Final = (*QUALITY_FLAGS, (_NO_META_BIT, "no_meta"), (_OFFLINE_BIT, "offline"))

@@ -237,6 +237,7 @@ class _Params:
     capacity_ah: F64
     nominal_ohm: F64
     prior_ohm: F64
+    pack_enum: pl.Enum  # the pack ids as a polars enum: row -> pack index, built once
 
     @classmethod
     def build(cls, packs: PackInfo, options: ResistanceOptions) -> _Params:
@@ -262,6 +263,7 @@ class _Params:
             capacity_ah=packs.capacity_ah.copy(),
             nominal_ohm=nominal,
             prior_ohm=prior,
+            pack_enum=pl.Enum(list(packs.pack_ids)),
         )
 
 
@@ -446,11 +448,10 @@ class _Grid:
     n_ignored: int
 
 
-def _grid(batch: pl.DataFrame, pack_ids: tuple[str, ...], last_ts_ms: I64, soc: F64 | None) -> _Grid:
-    """Lay a telemetry batch out as ``(k, pack)`` arrays, dropping duplicates and late rows."""
+def _grid(batch: pl.DataFrame, enum: pl.Enum, last_ts_ms: I64, soc: F64 | None) -> _Grid:
+    """Lay a telemetry batch out as ``(k, pack)`` arrays, dropping duplicates and late rows (``enum``: the pack ids)."""
     check_columns(batch, REQUIRED_COLUMNS, estimator="ResistanceTracker")
-    n = len(pack_ids)
-    enum = pl.Enum(pack_ids)
+    n = len(enum.categories)
     use_column = soc is None and "soc" in batch.columns
     frame = batch.select(
         pl.col("pack").cast(pl.String).cast(enum, strict=False).to_physical().cast(pl.Int64).fill_null(-1),
@@ -516,7 +517,9 @@ def _per_chemistry(params: _Params, packs: IP, values: F64, fn: str) -> F64:
     ci = params.chem_index[packs]
     for k, name in enumerate(params.chemistries):  # a handful of chemistries, not packs
         cols = np.flatnonzero(ci == k)
-        if cols.size:
+        if cols.size == ci.size:  # one chemistry: no gather
+            out[...] = getattr(get_chemistry(name), fn)(values)
+        elif cols.size:
             out[:, cols] = getattr(get_chemistry(name), fn)(values[:, cols])
     return out
 
@@ -755,7 +758,7 @@ class ResistanceTracker(Estimator[ResistanceState, ResistanceEstimate]):
             if soc.shape != (self.packs.n_packs,):
                 msg = f"soc has shape {soc.shape}, expected ({self.packs.n_packs},)"
                 raise EstimatorError(msg)
-        grid = _grid(batch, self.packs.pack_ids, np.asarray(self._state.last_ts_ms), soc)
+        grid = _grid(batch, self._params.pack_enum, np.asarray(self._state.last_ts_ms), soc)
         self._state = step(self._state, grid, self._params, self.options)
 
     def estimate(self) -> ResistanceEstimate:

@@ -247,6 +247,9 @@ class PackInfo:
         soc0_std: standard deviation of the initial SoC prior, fraction.
         series_r_ohm: extra series resistance of the whole pack that the chemistry does not
             know (cabling, sense leads), Ω; 0 by default.
+        weak_cell_rate: prior of the weakest cell group's rate (its capacity is
+            ``capacity_ah / (1 + rate)``): how far the string's usable capacity is expected to
+            sit below its mean cell's; 0 (the mean's) by default.
     """
 
     pack_ids: tuple[str, ...]
@@ -257,6 +260,7 @@ class PackInfo:
     soc0: F64
     soc0_std: F64
     series_r_ohm: F64
+    weak_cell_rate: F64 | float = 0.0
 
     def __post_init__(self) -> None:
         """Freeze the arrays and check shapes and ranges.
@@ -275,6 +279,7 @@ class PackInfo:
             ("soc0", np.float64),
             ("soc0_std", np.float64),
             ("series_r_ohm", np.float64),
+            ("weak_cell_rate", np.float64),
         ):
             arr = _frozen(np.broadcast_to(np.asarray(getattr(self, name)), (n,)), dtype)
             object.__setattr__(self, name, arr)
@@ -285,6 +290,7 @@ class PackInfo:
             ("soc0", (self.soc0 >= 0.0) & (self.soc0 <= 1.0)),
             ("soc0_std", self.soc0_std > 0.0),
             ("series_r_ohm", self.series_r_ohm >= 0.0),
+            ("weak_cell_rate", np.asarray(self.weak_cell_rate) >= 0.0),
         )
         for name, ok in checks:
             if not bool(np.all(ok)):
@@ -303,6 +309,7 @@ class PackInfo:
         meta: pl.DataFrame,
         *,
         soh_prior: Mapping[str, float] | None = None,
+        weak_cell_rate: Mapping[str, float] | None = None,
         soc0: float = 0.5,
         soc0_std: float = 0.3,
     ) -> PackInfo:
@@ -315,6 +322,7 @@ class PackInfo:
             meta: one row per pack with ``pack``, ``chemistry``, ``rated_capacity_ah``,
                 ``series_cells`` and optionally ``intake_soh``.
             soh_prior: SoH priors by pack id (from a capacity estimate, say).
+            weak_cell_rate: the weakest cell group's rate prior by pack id (default 0).
             soc0: initial SoC prior of every pack.
             soc0_std: its standard deviation.
 
@@ -343,6 +351,7 @@ class PackInfo:
             soc0=np.full(len(ids), soc0),
             soc0_std=np.full(len(ids), soc0_std),
             series_r_ohm=np.zeros(len(ids)),
+            weak_cell_rate=np.array([(weak_cell_rate or {}).get(p, 0.0) for p in ids], dtype=np.float64),
         )
 
 
@@ -726,7 +735,8 @@ def initial_state(params: SocParams) -> SocState:
     """Return the prior: every pack at its SoC prior, no RC voltages, no hysteresis, no offset.
 
     The resistance scale starts at its prior from the SoH prior, the extreme cells at the
-    mean cell (no offset, the same rate and resistance).
+    mean cell (no offset, the same resistance; the same rate but for the weakest cell's
+    :attr:`PackInfo.weak_cell_rate`).
 
     The slow RC voltage's prior variance is zero for packs whose chemistry has no slow pair.
 
@@ -754,11 +764,13 @@ def initial_state(params: SocParams) -> SocState:
     cell_cov[:, :, _CR, _CR] = o.cell_rate0_std**2
     cell_cov[:, :, _CX, _CX] = o.cell_r0_std**2
     zeros = np.zeros(n, dtype=np.int64)
+    cell_x = np.zeros((n, 2, _N_CELL))
+    cell_x[:, 0, _CR] = p.weak_cell_rate  # the weakest cell's expected shortfall of capacity
     return SocState(
         pack_ids=p.pack_ids,
         x=x,
         cov=cov,
-        cell_x=np.zeros((n, 2, _N_CELL)),
+        cell_x=cell_x,
         cell_cov=cell_cov,
         last_ts_ms=np.full(n, _NO_TS, dtype=np.int64),
         last_current_a=np.zeros(n),
@@ -937,7 +949,7 @@ def _lookup(table: F64, row: IP, soc: F64) -> tuple[F64, F64]:
     np.minimum(k, GRID_POINTS - 2, out=k)
     frac: F64 = s - k
     k += row
-    rows: F64 = table[k]
+    rows: F64 = table.take(k, axis=0)
     return rows, frac
 
 
@@ -1059,8 +1071,27 @@ class _Noise:
         )
 
 
+def _sum6(terms: F64, axis: int) -> F64:
+    """Sum the six state terms along ``axis`` as ``np.einsum`` does (two lanes: 0+2+4, 1+3+5, then both).
+
+    The pack-first filter took ``P H^T`` and ``H P H^T`` with ``np.einsum``, whose kernels add
+    float64 products in 128-bit SIMD lanes; summing in the same order keeps every result the
+    same to the bit (checked by ``tests/test_speed_equivalence.py``).
+    """
+    t = np.moveaxis(terms, axis, 0)
+    out: F64 = ((t[0] + t[2]) + t[4]) + ((t[1] + t[3]) + t[5])
+    return out
+
+
 class _Bank:
-    """The active packs' filter while :func:`step` runs: mutable working arrays, local to one call."""
+    """The active packs' filter while :func:`step` runs: mutable working arrays, local to one call.
+
+    The matrices are held pack-last (``cov[i, j]`` is every active pack's ``P_ij``, contiguous),
+    so each operation runs over the packs in one long inner loop instead of over a few states
+    per pack; :func:`_merge` puts them back pack-first. The arithmetic is that of the pack-first
+    form operation by operation, and the two matrix-vector sums are taken in the order
+    ``np.einsum`` takes them (:func:`_sum6`), so the results are the same to the bit.
+    """
 
     def __init__(self, state: SocState, active: IP, params: SocParams) -> None:
         self.c = _PackConst.gather(params, active)
@@ -1073,9 +1104,13 @@ class _Bank:
         self.soc, self.vrc1, self.vrc2, self.hy, self.off, self.rs = (
             np.ascontiguousarray(x[:, j]) for j in range(_N_STATES)
         )
-        self.cov: F64 = state.cov[active]
-        self.cx: F64 = state.cell_x[active]  # copies: written in place below
-        self.ccov: F64 = state.cell_cov[active]
+        self.cov: F64 = np.ascontiguousarray(state.cov[active].transpose(1, 2, 0))  # (6, 6, n)
+        # Scratch for the covariance products, reused every sample: allocating fresh temporaries
+        # of this size costs as much as the arithmetic. self.cov is always the first of
+        # _cov_bufs and is rewritten in place only once it is no longer read.
+        self._cov_bufs = (self.cov, np.empty_like(self.cov), np.empty_like(self.cov))
+        self.cx: F64 = np.ascontiguousarray(state.cell_x[active].transpose(2, 1, 0))  # (3, 2, n)
+        self.ccov: F64 = np.ascontiguousarray(state.cell_cov[active].transpose(2, 3, 1, 0))  # (3, 3, 2, n)
         self.last_ts: I64 = state.last_ts_ms[active]
         self.last_i: F64 = state.last_current_a[active]
         self.last_t: F64 = state.last_temp_c[active]
@@ -1088,12 +1123,18 @@ class _Bank:
         self.n_skip = np.zeros(n, dtype=np.int64)
         self.n_done = np.zeros(n, dtype=np.int64)
         # F = diag(d) + c e_off^T (only the offset column is off-diagonal), Q = diag(q), H row.
-        self.dvec = np.ones((n, _N_STATES))
-        self.cvec = np.zeros((n, _N_STATES))
-        self.qvec = np.zeros((n, _N_STATES))
-        self.hrow = np.empty((n, _N_STATES))
-        self.row2 = np.repeat(self.c.row, 2)
-        self.cell_v: F64 = np.empty(0)  # (k, n, 2) cell_v_min_v and cell_v_max_v, set by step()
+        self.dvec = np.ones((_N_STATES, n))
+        self.cvec = np.zeros((_N_STATES, n))
+        self.qvec = np.zeros((_N_STATES, n))
+        self.hrow = np.empty((_N_STATES, n))
+        self.row2 = np.tile(self.c.row, 2)  # the weakest cells' rows, then the strongest cells'
+        self.cell_v: F64 = np.empty(0)  # (k, 2, n) cell_v_min_v and cell_v_max_v, set by step()
+
+    def _scratch(self) -> tuple[F64, F64, F64]:
+        """The covariance (written in place) and two scratch arrays of its shape."""
+        cov, a, b = self._cov_bufs
+        assert cov is self.cov
+        return cov, a, b
 
     def predict(self, dt: F64, gap: B) -> F64:
         """Propagate over ``dt`` with the held current; return the mean SoC's change."""
@@ -1106,10 +1147,12 @@ class _Bank:
         scale = _interp(self.rsoc_table, c.row, self.soc) * self.tf
         r1 = c.r1_ref_ohm * scale
         r2 = c.r2_ref_ohm * scale
-        a1 = np.exp(-dt / c.tau_s)
-        one_a1 = -np.expm1(-dt / c.tau_s)
-        a2 = np.exp(-dt / c.tau2_s)
-        one_a2 = -np.expm1(-dt / c.tau2_s)
+        x1 = -dt / c.tau_s
+        x2 = -dt / c.tau2_s
+        a1 = np.exp(x1)
+        one_a1 = -np.expm1(x1)
+        a2 = np.exp(x2)
+        one_a2 = -np.expm1(x2)
         f = np.exp(-c.gamma * np.abs(i_true) * dt_q)
         sgn = np.sign(i_true)
         self.soc = self.soc + dsoc
@@ -1118,28 +1161,30 @@ class _Bank:
         self.vrc1 = a1 * self.vrc1 + g1 * i_true
         self.vrc2 = a2 * self.vrc2 + g2 * i_true
         cvec, dvec, qvec = self.cvec, self.dvec, self.qvec
-        cvec[:, _SOC] = eff * dt_q
-        cvec[:, _V1] = -g1
-        cvec[:, _V2] = -g2
-        cvec[:, _HY] = f * c.gamma * dt_q * sgn * (self.hy + sgn)
+        cvec[_SOC] = eff * dt_q
+        cvec[_V1] = -g1
+        cvec[_V2] = -g2
+        cvec[_HY] = f * c.gamma * dt_q * sgn * (self.hy + sgn)
         self.hy = f * self.hy - (1.0 - f) * sgn
-        dvec[:, _V1] = a1
-        dvec[:, _V2] = a2
-        dvec[:, _HY] = f
+        dvec[_V1] = a1
+        dvec[_V2] = a2
+        dvec[_HY] = f
         abs_dsoc = np.abs(dsoc)
         gap_var = np.where(gap, nz.gap2_per_s2 * dt * dt, 0.0)
         i_var = nz.current2 + nz.resistance2 * i_true * i_true
-        qvec[:, _SOC] = nz.current2 * (eff * dt_q) ** 2 + nz.capacity2 * abs_dsoc + nz.soc_rw2_per_s * dt + gap_var
-        qvec[:, _V1] = g1 * g1 * i_var
-        qvec[:, _V2] = g2 * g2 * i_var  # zero without a slow pair: that state stays at zero
-        qvec[:, _HY] = (nz.hyst_error * (1.0 - f)) ** 2
-        qvec[:, _OFF] = nz.offset_rw2_per_s * dt
-        qvec[:, _RS] = nz.r_rw2_per_s * dt
-        cov = self.cov
-        g = dvec[:, :, None] * cov + cvec[:, :, None] * cov[:, _OFF : _OFF + 1, :]
-        cov = g * dvec[:, None, :] + g[:, :, _OFF : _OFF + 1] * cvec[:, None, :]
-        cov.reshape(self.n, _N_STATES * _N_STATES)[:, :: _N_STATES + 1] += qvec
-        self.cov = cov
+        qvec[_SOC] = nz.current2 * (eff * dt_q) ** 2 + nz.capacity2 * abs_dsoc + nz.soc_rw2_per_s * dt + gap_var
+        qvec[_V1] = g1 * g1 * i_var
+        qvec[_V2] = g2 * g2 * i_var  # zero without a slow pair: that state stays at zero
+        qvec[_HY] = (nz.hyst_error * (1.0 - f)) ** 2
+        qvec[_OFF] = nz.offset_rw2_per_s * dt
+        qvec[_RS] = nz.r_rw2_per_s * dt
+        # P' = F P F^T + Q with F = diag(d) + c e_off^T: G = F P, then P' = G F^T (in the scratch).
+        cov, g, tmp = self._scratch()
+        np.multiply(dvec[:, None, :], cov, out=g)
+        g += np.multiply(cvec[:, None, :], cov[_OFF : _OFF + 1, :, :], out=tmp)
+        np.multiply(g, dvec[None, :, :], out=cov)
+        cov += np.multiply(g[:, _OFF : _OFF + 1, :], cvec[None, :, :], out=tmp)
+        cov.reshape(_N_STATES * _N_STATES, self.n)[:: _N_STATES + 1] += qvec
         self._predict_cells(dt, dsoc, abs_dsoc)
         return abs_dsoc
 
@@ -1147,15 +1192,13 @@ class _Bank:
         """Move the extreme cells' offsets with their rates: ``d' = d + rate * dsoc``."""
         nz = self.noise
         cx, p = self.cx, self.ccov
-        ds = dsoc[:, None]
-        cx[:, :, _CD] += cx[:, :, _CR] * ds
+        cx[_CD] += cx[_CR] * dsoc
         # P' = F P F^T with F = I + dsoc e_d e_rate^T: row d, then column d.
-        p[:, :, _CD, :] += ds[:, :, None] * p[:, :, _CR, :]
-        p[:, :, :, _CD] += ds[:, :, None] * p[:, :, :, _CR]
-        a = abs_dsoc[:, None]
-        p[:, :, _CD, _CD] += nz.cell_rw2 * a
-        p[:, :, _CR, _CR] += nz.cell_rate_rw2 * a
-        p[:, :, _CX, _CX] += nz.cell_r_rw2_per_s * dt[:, None]
+        p[_CD] += dsoc * p[_CR]
+        p[:, _CD] += dsoc * p[:, _CR]
+        p[_CD, _CD] += nz.cell_rw2 * abs_dsoc
+        p[_CR, _CR] += nz.cell_rate_rw2 * abs_dsoc
+        p[_CX, _CX] += nz.cell_r_rw2_per_s * dt
 
     def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64) -> None:
         """Measurement update with the *k*-th samples (packs without one are left alone)."""
@@ -1169,7 +1212,7 @@ class _Bank:
         rows, frac = _lookup(self.table, c.row, soc)
         ocv = _col(rows, frac, _OCV)
         amp = _col(rows, frac, _HYST)
-        ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[:, _SOC, _SOC])
+        ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[_SOC, _SOC])
         tf_now = self.temp_factor(t_now)
         r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf_now  # per unit of the resistance scale
         i_true = i_now - self.off
@@ -1178,12 +1221,12 @@ class _Bank:
         r_ser = c.r_series_cell_ohm
         innov = y - (ocv_mean + amp * hy - rs * drop - r_ser * i_true)
         hrow = self.hrow
-        hrow[:, _SOC] = slope + _col(rows, frac, _DHYST) * hy
-        hrow[:, _V1] = -rs
-        hrow[:, _V2] = -rs
-        hrow[:, _HY] = amp
-        hrow[:, _OFF] = rs * r0 + r_ser
-        hrow[:, _RS] = -drop
+        hrow[_SOC] = slope + _col(rows, frac, _DHYST) * hy
+        hrow[_V1] = -rs
+        hrow[_V2] = -rs
+        hrow[_HY] = amp
+        hrow[_OFF] = rs * r0 + r_ser
+        hrow[_RS] = -drop
         # Model errors (OCV table, resistances) are biases: they decorrelate after
         # ocv_error_corr_soc of SoC travel or ocv_error_corr_s of time, whichever comes first,
         # so the samples in between count as one.
@@ -1194,22 +1237,22 @@ class _Bank:
         np.maximum(corr, 1.0, out=corr)
         r_meas = c.r_voltage_white + (nz.ocv2 + nz.resistance2 * (rs * drop) ** 2) * corr + r_lin
         valid = i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
-        ph = np.einsum("nij,nj->ni", cov, hrow)
-        s = np.einsum("ni,ni->n", hrow, ph) + r_meas
+        cov, post, tmp = self._scratch()
+        ph = _sum6(np.multiply(cov, hrow[None, :, :], out=tmp), axis=1)  # P H^T
+        s = _sum6(hrow * ph, axis=0) + r_meas
         gain = np.where(valid, 1.0 / s, 0.0)
         innov = np.where(valid, innov, 0.0)
-        kal = ph * gain[:, None]
-        self.soc = np.clip(soc + kal[:, _SOC] * innov, *_SOC_LIMITS)
-        self.vrc1 = self.vrc1 + kal[:, _V1] * innov
-        self.vrc2 = self.vrc2 + kal[:, _V2] * innov
-        self.hy = np.clip(hy + kal[:, _HY] * innov, -1.0, 1.0)
-        self.off = self.off + kal[:, _OFF] * innov
-        self.rs = np.clip(rs + kal[:, _RS] * innov, *_R_SCALE_LIMITS)
-        cov = cov - kal[:, :, None] * ph[:, None, :]
+        kal = ph * gain
+        self.soc = np.clip(soc + kal[_SOC] * innov, *_SOC_LIMITS)
+        self.vrc1 = self.vrc1 + kal[_V1] * innov
+        self.vrc2 = self.vrc2 + kal[_V2] * innov
+        self.hy = np.clip(hy + kal[_HY] * innov, -1.0, 1.0)
+        self.off = self.off + kal[_OFF] * innov
+        self.rs = np.clip(rs + kal[_RS] * innov, *_R_SCALE_LIMITS)
+        np.subtract(cov, np.multiply(kal[:, None, :], ph[None, :, :], out=tmp), out=post)
         # Keep the covariance exactly symmetric (rounding would otherwise skew it over millions of steps).
-        cov += cov.transpose(0, 2, 1)
+        np.add(post, post.transpose(1, 0, 2), out=cov)
         cov *= 0.5
-        self.cov = cov
 
         # The extreme cells, from cell_v - y (the shared OCV level, hysteresis and most of the
         # drop cancel): cell_v - y = OCV(soc + d) - OCV(soc) - m * dr + (connector + series) drop,
@@ -1217,8 +1260,8 @@ class _Bank:
         m_cell = rs * (r0 * (1.0 - nz.conn_frac) * i_true + self.vrc1 + self.vrc2)
         outside = (rs * r0 * nz.conn_frac + r_ser) * i_true
         r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * m_cell * m_cell) * corr
-        base = (soc, ocv, slope, cov[:, _SOC, _SOC] * corr)
-        self._correct_cells(base, self.cell_v[k] - y[:, None], m_cell, outside, r_cell, valid)
+        base = (soc, ocv, slope, cov[_SOC, _SOC] * corr)
+        self._correct_cells(base, self.cell_v[k] - y, m_cell, outside, r_cell, valid)
         self.last_ts = np.where(m, samples.ts_ms[k], self.last_ts)
         self.last_i = i_now
         self.last_t = t_now
@@ -1246,7 +1289,7 @@ class _Bank:
     def _correct_cells(
         self, base: tuple[F64, F64, F64, F64], z: F64, m_cell: F64, outside: F64, r_cell: F64, valid: B
     ) -> None:
-        """Update both extreme cells (``z``: ``(n, 2)`` cell voltage minus the mean cell's).
+        """Update both extreme cells (``z``: ``(2, n)`` cell voltage minus the mean cell's).
 
         The hysteresis amplitude varies little between the cells of a string, so its term
         cancels in the difference. The mean SoC's own error moves ``OCV(soc + d) - OCV(soc)``
@@ -1257,26 +1300,25 @@ class _Bank:
         soc, ocv, slope, var_soc = base
         cx, p = self.cx, self.ccov
         n = self.n
-        s_cell = (soc[:, None] + cx[:, :, _CD]).reshape(-1)
+        s_cell = (soc + cx[_CD]).reshape(-1)
         rows, frac = _lookup(self.ocv_table, self.row2, s_cell)
-        ocv_cell = (rows[:, 0] + rows[:, 1] * frac).reshape(n, 2)
-        slope_cell = (rows[:, 1] * (GRID_POINTS - 1)).reshape(n, 2)
-        m2 = m_cell[:, None]
-        pred = ocv_cell - ocv[:, None] - m2 * cx[:, :, _CX] + outside[:, None]
+        ocv_cell = (rows[:, 0] + rows[:, 1] * frac).reshape(2, n)
+        slope_cell = (rows[:, 1] * (GRID_POINTS - 1)).reshape(2, n)
+        pred = ocv_cell - ocv - m_cell * cx[_CX] + outside
         # H = [slope_cell, 0, -m]: P H^T from two columns of P.
-        ph = p[:, :, :, _CD] * slope_cell[:, :, None] - p[:, :, :, _CX] * m2[:, :, None]
-        s = slope_cell * ph[:, :, _CD] - m2 * ph[:, :, _CX]
-        s += r_cell[:, None] + (slope_cell - slope[:, None]) ** 2 * var_soc[:, None]
-        ok = valid[:, None] & np.isfinite(z)
+        ph = p[:, _CD] * slope_cell - p[:, _CX] * m_cell
+        s = slope_cell * ph[_CD] - m_cell * ph[_CX]
+        s += r_cell + (slope_cell - slope) ** 2 * var_soc
+        ok = valid & np.isfinite(z)
         gain = np.where(ok, 1.0 / s, 0.0)
         innov = np.where(ok, z - pred, 0.0) * gain
-        cx += ph * innov[:, :, None]
+        cx += ph * innov
         # P -= P H^T H P / s, formed from the outer product so it stays exactly symmetric.
-        p -= ph[:, :, :, None] * ph[:, :, None, :] * gain[:, :, None, None]
-        np.clip(cx[:, 0, _CD], -_CELL_OFFSET_LIMIT, 0.0, out=cx[:, 0, _CD])
-        np.clip(cx[:, 1, _CD], 0.0, _CELL_OFFSET_LIMIT, out=cx[:, 1, _CD])
-        np.clip(cx[:, :, _CR], *_CELL_RATE_LIMITS, out=cx[:, :, _CR])
-        np.clip(cx[:, :, _CX], *_CELL_R_LIMITS, out=cx[:, :, _CX])
+        p -= ph[:, None] * ph[None, :] * gain
+        np.clip(cx[_CD, 0], -_CELL_OFFSET_LIMIT, 0.0, out=cx[_CD, 0])
+        np.clip(cx[_CD, 1], 0.0, _CELL_OFFSET_LIMIT, out=cx[_CD, 1])
+        np.clip(cx[_CR], *_CELL_RATE_LIMITS, out=cx[_CR])
+        np.clip(cx[_CX], *_CELL_R_LIMITS, out=cx[_CX])
 
 
 def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
@@ -1294,7 +1336,7 @@ def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
     if act.size == 0:
         return _with_counters(state, samples)
     bank = _Bank(state, act, params)
-    bank.cell_v = np.stack((samples.cell_v_min_v, samples.cell_v_max_v), axis=2)
+    bank.cell_v = np.stack((samples.cell_v_min_v, samples.cell_v_max_v), axis=1)
     max_gap_s = params.options.max_gap_s
     for k in range(samples.mask.shape[0]):
         m = samples.mask[k]
@@ -1319,9 +1361,9 @@ def _merge(state: SocState, samples: SocSamples, bank: _Bank) -> SocState:
     return SocState(
         pack_ids=state.pack_ids,
         x=put(state.x, np.column_stack([bank.soc, bank.vrc1, bank.vrc2, bank.hy, bank.off, bank.rs])),
-        cov=put(state.cov, bank.cov),
-        cell_x=put(state.cell_x, bank.cx),
-        cell_cov=put(state.cell_cov, bank.ccov),
+        cov=put(state.cov, bank.cov.transpose(2, 0, 1)),
+        cell_x=put(state.cell_x, bank.cx.transpose(2, 1, 0)),
+        cell_cov=put(state.cell_cov, bank.ccov.transpose(3, 2, 0, 1)),
         last_ts_ms=put(state.last_ts_ms, bank.last_ts),
         last_current_a=put(state.last_current_a, bank.last_i),
         last_temp_c=put(state.last_temp_c, bank.last_t),
@@ -1605,6 +1647,7 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
         *,
         options: SocOptions = SocOptions(),
         soh_prior: Mapping[str, float] | None = None,
+        weak_cell_rate: Mapping[str, float] | None = None,
         soc0: float = 0.5,
         soc0_std: float = 0.3,
     ) -> Self:
@@ -1614,13 +1657,16 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
             meta: one row per pack, the contract's pack_meta columns.
             options: noise model and data-quality rules.
             soh_prior: SoH priors by pack id (default: the meta's ``intake_soh``, else 1).
+            weak_cell_rate: the weakest cell group's rate prior by pack id (default 0).
             soc0: initial SoC prior of every pack.
             soc0_std: its standard deviation.
 
         Returns:
             The estimator.
         """
-        packs = PackInfo.from_meta(meta, soh_prior=soh_prior, soc0=soc0, soc0_std=soc0_std)
+        packs = PackInfo.from_meta(
+            meta, soh_prior=soh_prior, weak_cell_rate=weak_cell_rate, soc0=soc0, soc0_std=soc0_std
+        )
         return cls(packs, options=options)
 
     def __repr__(self) -> str:
