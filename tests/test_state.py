@@ -56,6 +56,16 @@ def test_latest_values_and_duplicates(core: TwinCore) -> None:
     assert core.counters["duplicate"] == 1
 
 
+def test_the_meta_temperature_limit_does_not_overwrite_the_measured_temperature(core: TwinCore) -> None:
+    feed(core, [telemetry("P1", 0, T0, temp_max_c=26.0)], T0)
+    feed(core, [meta("P1", temp_max_c=55.0), meta("P2", temp_max_c=55.0)], T0)
+    n = len(core.packs.ids)
+    assert n == 2
+    assert all(values.size == n for values in core.packs.values.values())
+    assert core.packs.values["temp_max_c"][core.packs.index["P1"]] == 26.0
+    assert core.packs.values["temp_limit_c"][core.packs.index["P1"]] == 55.0
+
+
 def test_out_of_order_within_a_batch_keeps_the_newest(core: TwinCore) -> None:
     feed(core, [telemetry("P1", 5, T0 + 5000, voltage_v=305.0), telemetry("P1", 4, T0 + 4000, voltage_v=304.0)], T0)
     assert core.packs.values["voltage_v"][0] == 305.0

@@ -56,15 +56,17 @@ _TELEMETRY_VALUES: Final = (
     "soc_bms",
     "soh_bms",
 )
-_META_VALUES: Final = (
-    "rated_capacity_ah",
-    "rated_energy_kwh",
-    "voltage_min_v",
-    "voltage_max_v",
-    "current_max_discharge_a",
-    "current_max_charge_a",
-    "temp_max_c",
-)
+#: pack_meta columns kept in the mirror, and their key there (the meta's temperature limit is
+#: not the measured ``temp_max_c``).
+_META_VALUES: Final = {
+    "rated_capacity_ah": "rated_capacity_ah",
+    "rated_energy_kwh": "rated_energy_kwh",
+    "voltage_min_v": "voltage_min_v",
+    "voltage_max_v": "voltage_max_v",
+    "current_max_discharge_a": "current_max_discharge_a",
+    "current_max_charge_a": "current_max_charge_a",
+    "temp_max_c": "temp_limit_c",
+}
 _SITE_FLOATS: Final = (
     "load_w",
     "solar_w",
@@ -149,7 +151,7 @@ class _Packs:
     ids: list[str] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
     values: dict[str, F64] = field(
-        default_factory=lambda: {name: np.zeros(0) for name in (*_TELEMETRY_VALUES, *_META_VALUES)}
+        default_factory=lambda: {name: np.zeros(0) for name in (*_TELEMETRY_VALUES, *_META_VALUES.values())}
     )
     last_ts_ms: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     last_seq: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -168,7 +170,7 @@ class _Packs:
             self.index[pack] = n0 + i
         self.ids.extend(new)
         k = len(new)
-        for name in (*_TELEMETRY_VALUES, *_META_VALUES):
+        for name in (*_TELEMETRY_VALUES, *_META_VALUES.values()):
             self.values[name] = np.concatenate([self.values[name], np.full(k, np.nan)])
         self.last_ts_ms = np.concatenate([self.last_ts_ms, np.zeros(k, dtype=np.int64)])
         self.last_seq = np.concatenate([self.last_seq, np.full(k, -1, dtype=np.int64)])
@@ -415,8 +417,8 @@ class TwinCore:
         self._register(meta["pack"])
         known = meta.filter(pl.col("pack").is_in(self.packs.ids))
         idx = self._indices(known["pack"])
-        for name in _META_VALUES:
-            self.packs.values[name][idx] = known[name].cast(pl.Float64).to_numpy()
+        for column, key in _META_VALUES.items():
+            self.packs.values[key][idx] = known[column].cast(pl.Float64).to_numpy()
         self.packs.has_meta[idx] = True
         for i, chem, life in zip(idx, known["chemistry"], known["life"], strict=True):  # per meta message, rare
             self.packs.chemistry[i] = chem
