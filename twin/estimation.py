@@ -29,7 +29,14 @@ from twin.estimators.health import HealthOptions, HealthState, HealthTracker, pr
 from twin.estimators.resistance import ResistanceOptions, ResistanceState, ResistanceTracker
 from twin.estimators.soc import PackInfo, SocEstimator, SocFlag, SocOptions, SocState
 
-__all__ = ["EstimationOptions", "EstimationSnapshot", "PackEstimates", "SiteEstimation", "expected_soh"]
+__all__ = [
+    "EstimationOptions",
+    "EstimationSnapshot",
+    "PackEstimates",
+    "SiteEstimation",
+    "expected_soh",
+    "filter_priors",
+]
 
 F64 = NDArray[np.float64]
 B = NDArray[np.bool_]
@@ -62,6 +69,9 @@ class EstimationOptions:
     #: figure carries the test's error and the cells' spread.
     capacity_prior_rel_std_new: float = 0.02
     capacity_prior_rel_std_second_life: float = 0.03
+    #: Relative error of a converged capacity estimate that its own standard deviation does not
+    #: show (the SoC filter's ΔSoC scale; 1-2 % on the emulated sites over days), for the bands.
+    capacity_model_rel_std: float = 0.015
     #: SoC prior of a pack that has just appeared, and its standard deviation.
     soc0: float = 0.5
     soc0_std: float = 0.3
@@ -450,7 +460,10 @@ class SiteEstimation:
         energy = dataclasses.replace(
             self.energy,
             capacity_ah=packs.capacity_ah,
-            capacity_rel_std=np.clip(packs.capacity_std_ah / packs.capacity_ah, 0.0, 1.0),
+            # The tracker's std is its noise alone; the SoC filter's scale errors bias it a little.
+            capacity_rel_std=np.clip(
+                np.hypot(packs.capacity_std_ah / packs.capacity_ah, o.capacity_model_rel_std), 0.0, 1.0
+            ),
         )
         return site_outlook(
             energy,
@@ -481,6 +494,21 @@ QUALITY_FLAGS: Final[tuple[tuple[int, str], ...]] = tuple(
     (int(f.value), str(f.name).lower()) for f in SocFlag if f.value
 )
 """Each SoC quality bit and its published name, in publishing order."""
+
+
+def filter_priors(
+    meta: pl.DataFrame, options: EstimationOptions | None = None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The priors the twin gives its SoC filter: the SoH of :func:`expected_soh`, no weak-cell rate.
+
+    For code that runs the SoC filter alone (tests, notebooks) as the twin runs it:
+    ``SocEstimator.from_meta(meta, soh_prior=..., weak_cell_rate=...)``. (Giving the filter
+    the mean cell behind the string's capacity and the weakest cell's expected shortfall was
+    tried: better over days, worse in the first hours on the LFP plateau; not adopted.)
+    """
+    o = options or EstimationOptions()
+    usable = expected_soh(meta, o)[0]
+    return usable, dict.fromkeys(usable, 0.0)
 
 
 def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> tuple[dict[str, float], dict[str, float]]:
