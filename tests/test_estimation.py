@@ -83,6 +83,27 @@ def test_batching_does_not_change_the_results(recording: tuple[pl.DataFrame, pl.
     assert np.any(whole["capacity_std_ah"] < prior.capacity.estimate().capacity_std_ah)
 
 
+def test_metadata_in_pieces_places_the_packs_as_metadata_at_once(recording: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    """The aging curves are placed when the metadata arrives (not at the first batch of
+    telemetry), each pack at its own metadata's time: announced together or one by one, the
+    same curves and the same SoH and RUL."""
+    meta, tele = recording
+    end = int(tele["ts_ms"].max())  # type: ignore[arg-type]
+    together = _run(meta, [tele])
+    assert together.health is not None
+    assert together.health._placed is not None
+    apart = SiteEstimation(OPTIONS)
+    for row in range(meta.height):
+        apart.add_meta(meta.slice(row, 1))
+    apart.update(tele)
+    a, b = together.packs(now_ms=end), apart.packs(now_ms=end)
+    assert a is not None
+    assert b is not None
+    order = [b.pack_ids.index(p) for p in a.pack_ids]
+    for name in ("soh", "soh_std", "rul_days_p50", "capacity_ah", "soc"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name)[order], err_msg=name)
+
+
 def test_snapshot_and_restore_in_the_middle(recording: tuple[pl.DataFrame, pl.DataFrame]) -> None:
     meta, tele = recording
     end = int(tele["ts_ms"].max())  # type: ignore[arg-type]

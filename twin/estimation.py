@@ -224,6 +224,7 @@ class SiteEstimation:
             ResistanceTracker(info, o.resistance) if self.resistance is None else self.resistance.grown(info)
         )
         self.health = HealthTracker(full, o.health) if self.health is None else self.health.grown(full)
+        self.health.prepare()  # the costly placement on the aging curves now, not at the first batch
         grow = prior.size - n_old
         self._ah = np.concatenate([self._ah, np.zeros(grow)])
         self._last_ts = np.concatenate([self._last_ts, np.full(grow, -1, dtype=np.int64)])

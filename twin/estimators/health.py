@@ -229,6 +229,7 @@ class _Packs:
     first_life_days: F64
     first_life_efc: F64
     commissioned_ms: F64  # NaN: unknown
+    meta_ms: F64  # the metadata's own time (ts_ms); NaN: unknown
 
     @classmethod
     def from_meta(cls, meta: pl.DataFrame, options: HealthOptions, eol_soh: Mapping[str, float] | None) -> _Packs:
@@ -274,6 +275,7 @@ class _Packs:
             first_life_days=years * 365.0,
             first_life_efc=efc1,
             commissioned_ms=commissioned,
+            meta_ms=np.array([np.nan if t is None else float(t) for t in column("ts_ms", None)]),
         )
 
 
@@ -482,6 +484,9 @@ class HealthTracker:
         self._knee = KneeModel()
         self._state = self._initial_state()
         self._cache: tuple[int, int, HealthEstimate] | None = None
+        # The packs' curves placed ahead of the first checkpoint (prepare), and when (per pack).
+        self._placed: tuple[_LawGroup, ...] | None = None
+        self._placed_ms = np.full(len(self._packs.pack_ids), np.nan)
 
     @property
     def pack_ids(self) -> tuple[str, ...]:
@@ -568,6 +573,17 @@ class HealthTracker:
             for i, p in enumerate(out._packs.pack_ids)
             if p in where and old_law[p] == out._packs.law_names[i]
         ]
+        if not old.started and keep and self._placed is not None:
+            # Not tracking yet: the packs already placed keep their curves (prepare places the rest).
+            known = [(d, s_) for d, s_ in keep if np.isfinite(self._placed_ms[s_])]
+            if known:
+                mask = np.zeros(len(out._packs.pack_ids), dtype=np.bool_)
+                mask[[d for d, _ in known]] = True
+                base = out._start_groups(0, only=np.zeros_like(mask))  # initial states only
+                laws = {p: old_law[p] for p in old_law if np.isfinite(self._placed_ms[where[p]])}
+                out._placed = _carry_groups(base, self._placed, out._packs, where, laws, self._grid.size)
+                out._placed_ms = np.where(mask, out._packs.meta_ms, np.nan)
+                out._placed_ms[[d for d, _ in known]] = self._placed_ms[[s_ for _, s_ in known]]
         if not old.started or not keep:
             return out
         dst = np.array([d for d, _ in keep], dtype=np.intp)
@@ -606,24 +622,7 @@ class HealthTracker:
         fresh = np.ones(len(out._packs.pack_ids), dtype=np.bool_)
         fresh[dst] = False
         groups = out._start_groups(t0, only=fresh)
-        old_rows = {p: (grp, j) for grp in old.groups for j, p in enumerate(np.asarray(grp.members))}
-        g = self._grid.size
-        rebuilt = []
-        for grp in groups:
-            arrays = {f.name: np.array(getattr(grp.state, f.name), copy=True) for f in dataclasses.fields(AgingState)}
-            q0, efc0, fade = grp.q0.copy(), grp.efc0.copy(), grp.site_fade.copy()
-            for j, member in enumerate(grp.members):
-                pid = out._packs.pack_ids[member]
-                if pid not in where or (old_law[pid] != out._packs.law_names[member]):
-                    continue
-                src_grp, k = old_rows[where[pid]]
-                rows_new, rows_old = slice(j * g, (j + 1) * g), slice(k * g, (k + 1) * g)
-                for f in dataclasses.fields(AgingState):
-                    arrays[f.name][rows_new] = np.asarray(getattr(src_grp.state, f.name))[rows_old]
-                q0[rows_new] = src_grp.q0[rows_old]
-                efc0[rows_new] = src_grp.efc0[rows_old]
-                fade[rows_new] = src_grp.site_fade[rows_old]
-            rebuilt.append(dataclasses.replace(grp, state=AgingState(**arrays), q0=q0, efc0=efc0, site_fade=fade))
+        rebuilt = _carry_groups(groups, old.groups, out._packs, where, old_law, self._grid.size)
         out._state = dataclasses.replace(
             new,
             started=True,
@@ -640,17 +639,55 @@ class HealthTracker:
 
     # ------------------------------------------------------------------ inputs
 
-    def _start_groups(self, t0_ms: int, only: B | None = None) -> tuple[_LawGroup, ...]:
+    def prepare(self) -> None:
+        """Place the packs on their laws' curves now, each at its metadata's time.
+
+        The placement walks every pack's first life for every grid scalar (about 2 s for the
+        805 packs of nevada). Done when the metadata arrives, it does not stall the first
+        batch of telemetry; packs already placed are not placed again. The result does not
+        depend on when this runs (see :meth:`_placement`).
+        """
+        if self._state.started:
+            return
+        todo = np.isfinite(self._packs.meta_ms) & ~np.isfinite(self._placed_ms)
+        if not todo.any():
+            return
+        at = np.where(todo, self._packs.meta_ms, 0.0)
+        fresh = self._start_groups(at, only=todo)
+        self._placed = fresh if self._placed is None else _merge_rows(self._placed, fresh, todo, self._grid.size)
+        self._placed_ms = np.where(todo, self._packs.meta_ms, self._placed_ms)
+
+    def _placement(self, first_ms: int) -> tuple[_LawGroup, ...]:
+        """The packs' curves at the start of tracking (the first checkpoint at ``first_ms``).
+
+        A pack is placed at its metadata's time when the first checkpoint comes within a day
+        after it (the calendar aging between is negligible), so :meth:`prepare` can place it
+        ahead; otherwise (metadata retained for long, or without a time) at the first
+        checkpoint. Each pack's rows depend on its own metadata only.
+        """
+        meta_ms = self._packs.meta_ms
+        near = np.isfinite(meta_ms) & (first_ms - meta_ms >= 0) & (first_ms - meta_ms <= _MS_PER_DAY)
+        self.prepare()
+        ready = near & (self._placed_ms == meta_ms)
+        at = np.where(near, meta_ms, float(first_ms))
+        if self._placed is None or not ready.any():
+            return self._start_groups(at)
+        if ready.all():
+            return self._placed
+        return _merge_rows(self._placed, self._start_groups(at, only=~ready), ~ready, self._grid.size)
+
+    def _start_groups(self, t0_ms: int | F64, only: B | None = None) -> tuple[_LawGroup, ...]:
         """Place every pack on its law's curve at the start of tracking, for every grid scalar.
 
         Args:
-            t0_ms: the start of tracking.
+            t0_ms: when each pack is placed (one time, or one per pack).
             only: packs to place (the others keep the law's initial state; :meth:`grown`
                 puts their known states back), default all.
         """
         o, pk = self.options, self._packs
         g = self._grid.size
-        site_days = np.where(np.isfinite(pk.commissioned_ms), (t0_ms - pk.commissioned_ms) / _MS_PER_DAY, 0.0)
+        t0 = np.broadcast_to(np.asarray(t0_ms, dtype=np.float64), pk.commissioned_ms.shape)
+        site_days = np.where(np.isfinite(pk.commissioned_ms), (t0 - pk.commissioned_ms) / _MS_PER_DAY, 0.0)
         site_days = np.maximum(site_days, 0.0)
         days = pk.first_life_days + site_days
         # Less than a day of history is none: one tiny first step would put the power laws on
@@ -768,7 +805,7 @@ class HealthTracker:
         if not s.started:
             grid = round(self.options.chunk_s * 1000)
             s = dataclasses.replace(
-                s, started=True, t0_ms=ts, chunk_end_ms=(ts // grid + 1) * grid, groups=self._start_groups(ts)
+                s, started=True, t0_ms=ts, chunk_end_ms=(ts // grid + 1) * grid, groups=self._placement(ts)
             )
         self._state = _accumulate(s, ts, arrays, self.options)
         if ts >= self._state.chunk_end_ms:
@@ -1186,6 +1223,61 @@ def _curve_ratio(q: F64, q0: F64) -> F64:
     """
     out: F64 = np.where(q0 > _MIN_CURVE_Q, np.clip(q / np.maximum(q0, _MIN_CURVE_Q), 0.0, 1.0), 1.0)
     return out
+
+
+def _merge_rows(base: tuple[_LawGroup, ...], other: tuple[_LawGroup, ...], packs: B, g: int) -> tuple[_LawGroup, ...]:
+    """``base`` with the grid rows of ``packs`` taken from ``other`` (same laws and members)."""
+    out = []
+    for a, b in zip(base, other, strict=True):
+        rows = np.flatnonzero(np.repeat(packs[a.members], g))
+        if rows.size == 0:
+            out.append(a)
+            continue
+        out.append(
+            dataclasses.replace(
+                a,
+                state=_put_state(a.state, rows, _take_state(b.state, rows)),
+                q0=_put_rows(a.q0, b.q0, rows),
+                efc0=_put_rows(a.efc0, b.efc0, rows),
+                site_fade=_put_rows(a.site_fade, b.site_fade, rows),
+            )
+        )
+    return tuple(out)
+
+
+def _put_rows(x: F64, y: F64, rows: IP) -> F64:
+    z: F64 = np.array(x, copy=True)
+    z[rows] = y[rows]
+    return z
+
+
+def _carry_groups(
+    groups: tuple[_LawGroup, ...],
+    old_groups: tuple[_LawGroup, ...],
+    packs: _Packs,
+    where: Mapping[str, int],
+    old_law: Mapping[str, str],
+    g: int,
+) -> tuple[_LawGroup, ...]:
+    """``groups`` (of ``packs``) with the rows of every pack ``old_groups`` knew under the same law."""
+    old_rows = {p: (grp, j) for grp in old_groups for j, p in enumerate(np.asarray(grp.members))}
+    rebuilt = []
+    for grp in groups:
+        arrays = {f.name: np.array(getattr(grp.state, f.name), copy=True) for f in dataclasses.fields(AgingState)}
+        q0, efc0, fade = grp.q0.copy(), grp.efc0.copy(), grp.site_fade.copy()
+        for j, member in enumerate(grp.members):  # per pack, only when the pack set grows
+            pid = packs.pack_ids[member]
+            if pid not in where or pid not in old_law or old_law[pid] != packs.law_names[member]:
+                continue
+            src_grp, k = old_rows[where[pid]]
+            rows_new, rows_old = slice(j * g, (j + 1) * g), slice(k * g, (k + 1) * g)
+            for f in dataclasses.fields(AgingState):
+                arrays[f.name][rows_new] = np.asarray(getattr(src_grp.state, f.name))[rows_old]
+            q0[rows_new] = src_grp.q0[rows_old]
+            efc0[rows_new] = src_grp.efc0[rows_old]
+            fade[rows_new] = src_grp.site_fade[rows_old]
+        rebuilt.append(dataclasses.replace(grp, state=AgingState(**arrays), q0=q0, efc0=efc0, site_fade=fade))
+    return tuple(rebuilt)
 
 
 def _put_state(state: AgingState, rows: IP, part: AgingState) -> AgingState:
