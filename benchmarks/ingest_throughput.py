@@ -1034,12 +1034,16 @@ class Serve:
 
 
 def _prepare_serve(b: Bench, db: str, setup: list[Message], name: str, argv: Sequence[str] | None = None) -> Serve:
-    """Start serve on a fresh database, give it the packs' retained meta and status, wait until it knows them."""
+    """Start serve on a fresh database, give it the packs' retained meta and status, wait until it has digested them.
+
+    Digested: the estimators know every pack (``mgtwin_packs_estimated``), which includes
+    placing them on their aging curves (about 2 s for nevada), the service's start-up.
+    """
     b.influx.query(f'CREATE DATABASE "{db}"')
     serve = Serve(b.broker, b.influx, db, b.work.site, b.folder / f"serve-{name}.log").start(argv)
     replay(b.broker, setup, patch_ts=False)
     deadline = time.monotonic() + 30
-    while serve.metrics().get("mgtwin_packs", 0) < b.work.packs and time.monotonic() < deadline:
+    while serve.metrics().get("mgtwin_packs_estimated", 0) < b.work.packs and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)  # a worker error right after start (see the report) sleeps the worker 0.5 s
     return serve

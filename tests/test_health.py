@@ -231,6 +231,39 @@ def test_scalars_that_wear_a_law_out_in_first_life_get_no_weight() -> None:
     assert float(est.rate_scalar_p95[0]) < float(tracker._grid[-1])
 
 
+def test_metadata_retained_for_long_is_advanced_to_the_first_checkpoint() -> None:
+    """Packs are placed on their curves at their metadata's time (ahead, by prepare); when the
+    telemetry starts half a year later, the curves are advanced over the gap rather than left
+    there: the SoH prior matches a placement at the first checkpoint."""
+    first = T0_MS + 200 * DAY_MS
+
+    def soh_after_one_checkpoint(meta: pl.DataFrame) -> F64:
+        tracker = HealthTracker(meta)
+        tracker.prepare()
+        n = meta.height
+        tracker.checkpoint(
+            ts_ms=first,
+            soc=np.full(n, 0.5),
+            temp_c=np.full(n, 25.0),
+            current_a=np.zeros(n),
+            capacity_ah=np.full(n, np.nan),
+            capacity_std_ah=np.full(n, np.nan),
+            valid=np.ones(n, dtype=np.bool_),
+        )
+        return np.asarray(tracker.estimate().soh, dtype=np.float64)
+
+    stamped = META.with_columns(pl.lit(T0_MS + DAY_MS, pl.Int64).alias("ts_ms"))  # half a year before
+    advanced = soh_after_one_checkpoint(stamped)
+    # Had the half year not been aged (commissioned the day before the telemetry starts):
+    fresh = soh_after_one_checkpoint(META.with_columns(pl.lit(first - 2 * DAY_MS, pl.Int64).alias("commissioned_ms")))
+    # Placed at the first checkpoint (no metadata time): the same half year, its duty smeared
+    # with the first life's instead of the site's, so a slightly different history.
+    direct = soh_after_one_checkpoint(META)
+    assert np.all(advanced < fresh - 0.003)  # the gap was aged
+    assert np.allclose(advanced, direct, atol=0.03)
+    assert abs(float(advanced[0] - direct[0])) < 0.005  # the new pack: no first life, the same history
+
+
 def test_a_synthetic_knee_is_flagged_with_its_onset() -> None:
     """Slow linear fade, then from hour 240 a quadratic knee; its twin without the knee is not flagged."""
     hours = 400

@@ -610,6 +610,7 @@ class Service:
         out["influx_ok"] = 1.0 if s.influx_ok else 0.0
         out["mqtt_connected"] = 1.0 if self.link.connected.is_set() else 0.0
         out["packs"] = float(len(self.core.packs.ids))
+        out["packs_estimated"] = float(self.core.estimation.meta.height)  # set once their metadata is digested
         out["write_in_progress_s"] = self._write_age_s()
         out["retry_delay_s"] = s.last_retry_delay_s
         if self.link.broker_dropped_abs is not None:

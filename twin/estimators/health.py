@@ -660,23 +660,63 @@ class HealthTracker:
     def _placement(self, first_ms: int) -> tuple[_LawGroup, ...]:
         """The packs' curves at the start of tracking (the first checkpoint at ``first_ms``).
 
-        A pack is placed at its metadata's time when the first checkpoint comes within a day
-        after it (the calendar aging between is negligible), so :meth:`prepare` can place it
-        ahead; otherwise (metadata retained for long, or without a time) at the first
-        checkpoint. Each pack's rows depend on its own metadata only.
+        Each pack with a metadata time is placed at it (by :meth:`prepare`, ahead); when the
+        first checkpoint comes more than a day later (metadata retained for long), its curves
+        are advanced over the gap by the site's assumed duty, a few steps. A pack without a
+        metadata time is placed at the first checkpoint. Each pack's rows depend on its own
+        metadata and on the first checkpoint's time only.
         """
-        meta_ms = self._packs.meta_ms
-        near = np.isfinite(meta_ms) & (first_ms - meta_ms >= 0) & (first_ms - meta_ms <= _MS_PER_DAY)
         self.prepare()
-        ready = near & (self._placed_ms == meta_ms)
-        at = np.where(near, meta_ms, float(first_ms))
+        meta_ms = self._packs.meta_ms
+        ready = np.isfinite(meta_ms) & (self._placed_ms == meta_ms) & (meta_ms <= first_ms)
         if self._placed is None or not ready.any():
-            return self._start_groups(at)
-        if ready.all():
-            return self._placed
-        return _merge_rows(self._placed, self._start_groups(at, only=~ready), ~ready, self._grid.size)
+            return self._start_groups(float(first_ms))
+        groups = self._placed
+        if not ready.all():
+            groups = _merge_rows(groups, self._start_groups(float(first_ms), only=~ready), ~ready, self._grid.size)
+        late = ready & (first_ms - meta_ms > _MS_PER_DAY)
+        if late.any():
+            groups = self._advance(groups, np.where(late, (first_ms - meta_ms) / _MS_PER_DAY, 0.0))
+        return groups
 
-    def _start_groups(self, t0_ms: int | F64, only: B | None = None) -> tuple[_LawGroup, ...]:
+    def _advance(self, groups: tuple[_LawGroup, ...], days: F64) -> tuple[_LawGroup, ...]:
+        """Age placed curves by ``days`` per pack at the site's assumed duty (before tracking starts)."""
+        g = self._grid.size
+        out = []
+        for grp in groups:
+            law = self._laws[grp.name]
+            d = np.repeat(days[grp.members], g)
+            rows = np.flatnonzero(d > 0)
+            if rows.size == 0:
+                out.append(grp)
+                continue
+            sub = _take_state(grp.state, rows)
+            q_before = np.asarray(sub.q, dtype=np.float64).copy()
+            base = Stressors.from_means(
+                dt_days=np.zeros(rows.size),
+                temp_k=np.full(rows.size, FIRST_LIFE["temp_k"]),
+                soc_mean=np.full(rows.size, FIRST_LIFE["soc_mean"]),
+                dod=np.full(rows.size, FIRST_LIFE["dod"]),
+                c_rate_mean=np.full(rows.size, FIRST_LIFE["c_rate_mean"]),
+                c_rate_charge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
+                c_rate_discharge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
+            )
+            scalar = np.tile(self._grid, grp.members.size)[rows]
+            left = d[rows].copy()
+            while np.any(left > 0):
+                # Steps grow with the law's age (a long step right after a short life would
+                # overshoot BLAST-Lite's incremental power laws), up to the placement's chunk.
+                dt = np.minimum(left, np.clip(0.25 * np.asarray(sub.t_days), 1.0, _FIRST_LIFE_CHUNK_DAYS))
+                efc = self.options.site_efc_per_day_prior * dt
+                sub = law.step(sub, dataclasses.replace(base, dt_days=dt, efc=efc), scalar=scalar)
+                left = left - dt
+            state = _put_state(grp.state, rows, sub)
+            fade = grp.site_fade.copy()
+            fade[rows] = fade[rows] * np.asarray(sub.q) / np.maximum(q_before, _MIN_CURVE_Q)
+            out.append(dataclasses.replace(grp, state=state, q0=state.q.copy(), efc0=state.efc.copy(), site_fade=fade))
+        return tuple(out)
+
+    def _start_groups(self, t0_ms: float | F64, only: B | None = None) -> tuple[_LawGroup, ...]:
         """Place every pack on its law's curve at the start of tracking, for every grid scalar.
 
         Args:
