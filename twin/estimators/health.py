@@ -692,15 +692,7 @@ class HealthTracker:
                 continue
             sub = _take_state(grp.state, rows)
             q_before = np.asarray(sub.q, dtype=np.float64).copy()
-            base = Stressors.from_means(
-                dt_days=np.zeros(rows.size),
-                temp_k=np.full(rows.size, FIRST_LIFE["temp_k"]),
-                soc_mean=np.full(rows.size, FIRST_LIFE["soc_mean"]),
-                dod=np.full(rows.size, FIRST_LIFE["dod"]),
-                c_rate_mean=np.full(rows.size, FIRST_LIFE["c_rate_mean"]),
-                c_rate_charge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
-                c_rate_discharge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
-            )
+            base = _typical_duty(rows.size)
             scalar = np.tile(self._grid, grp.members.size)[rows]
             left = d[rows].copy()
             while np.any(left > 0):
@@ -753,15 +745,7 @@ class HealthTracker:
                 sub = _take_state(state, rows)
                 q_intake = np.asarray(sub.q, dtype=np.float64).copy()
                 # The first-life stressors are constant: built once, only the chunk length changes.
-                base = Stressors.from_means(
-                    dt_days=np.zeros(rows.size),
-                    temp_k=np.full(rows.size, FIRST_LIFE["temp_k"]),
-                    soc_mean=np.full(rows.size, FIRST_LIFE["soc_mean"]),
-                    dod=np.full(rows.size, FIRST_LIFE["dod"]),
-                    c_rate_mean=np.full(rows.size, FIRST_LIFE["c_rate_mean"]),
-                    c_rate_charge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
-                    c_rate_discharge_mean=np.full(rows.size, FIRST_LIFE["c_rate"]),
-                )
+                base = _typical_duty(rows.size)
                 # Chunks end at commissioning, where the intake test measured the pack.
                 chunks = int(np.ceil(first.max() / _FIRST_LIFE_CHUNK_DAYS) + np.ceil(d.max() / _FIRST_LIFE_CHUNK_DAYS))
                 for _ in range(chunks + 1):
@@ -1263,6 +1247,19 @@ def _curve_ratio(q: F64, q0: F64) -> F64:
     """
     out: F64 = np.where(q0 > _MIN_CURVE_Q, np.clip(q / np.maximum(q0, _MIN_CURVE_Q), 0.0, 1.0), 1.0)
     return out
+
+
+def _typical_duty(n: int) -> Stressors:
+    """``n`` rows of the :data:`FIRST_LIFE` stressors with zero length (set ``dt_days`` and ``efc`` per step)."""
+    return Stressors.from_means(
+        dt_days=np.zeros(n),
+        temp_k=np.full(n, FIRST_LIFE["temp_k"]),
+        soc_mean=np.full(n, FIRST_LIFE["soc_mean"]),
+        dod=np.full(n, FIRST_LIFE["dod"]),
+        c_rate_mean=np.full(n, FIRST_LIFE["c_rate_mean"]),
+        c_rate_charge_mean=np.full(n, FIRST_LIFE["c_rate"]),
+        c_rate_discharge_mean=np.full(n, FIRST_LIFE["c_rate"]),
+    )
 
 
 def _merge_rows(base: tuple[_LawGroup, ...], other: tuple[_LawGroup, ...], packs: B, g: int) -> tuple[_LawGroup, ...]:
