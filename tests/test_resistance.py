@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from emulators.run import Emulation, EmulationOptions
 from emulators.scenario import load_scenario
 from twin.chemistry import get_chemistry
-from twin.estimation import filter_priors
+from twin.estimation import filter_soh_prior
 from twin.estimators.base import EstimatorError
 from twin.estimators.resistance import (
     ResistanceOptions,
@@ -284,7 +284,7 @@ def small_run() -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
 
 def _replay(meta: pl.DataFrame, telemetry: pl.DataFrame, tracker: ResistanceTracker) -> None:
     """Feed the telemetry in 10-minute batches, with the SoC filter's estimate after each, as the twin does."""
-    soc = SocEstimator.from_meta(meta, **_twin_priors(meta))
+    soc = SocEstimator.from_meta(meta, soh_prior=filter_soh_prior(meta))
     keyed = telemetry.with_columns((pl.col("ts_ms") // 600_000).alias("_batch"))
     for batch in keyed.partition_by("_batch", maintain_order=True, include_key=False):
         soc.update(batch)
@@ -334,9 +334,3 @@ def test_module_doctests_pass() -> None:
     result = doctest.testmod(resistance)
     assert result.failed == 0
     assert result.attempted >= 5
-
-
-def _twin_priors(meta: pl.DataFrame) -> dict[str, dict[str, float]]:
-    """The SoC filter's priors as the twin sets them (intake less the expected fade), never the truth."""
-    soh, weak = filter_priors(meta)
-    return {"soh_prior": soh, "weak_cell_rate": weak}

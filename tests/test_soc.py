@@ -28,7 +28,7 @@ from tests import leaf_data
 from twin.chemistry import get_chemistry, ocv_from_slow_cycle
 from twin.contract import CURRENT_SIGN
 from twin.errors import TwinError
-from twin.estimation import filter_priors
+from twin.estimation import filter_soh_prior
 from twin.estimators import base as estimators_base
 from twin.estimators import soc as soc_module
 from twin.estimators.base import REGISTRY, Estimator, EstimatorError
@@ -842,7 +842,7 @@ def emulator_scores(scenario: str, hours: float) -> pl.DataFrame:
 
     emu = Emulation(load_scenario(scenario), EmulationOptions(duration_s=hours * 3600, chunk_s=600))
     # The twin's own prior (intake SoH less the expected fade, for the mean cell), never the truth.
-    est = SocEstimator.from_meta(emu.fleet.meta, **_twin_priors(emu.fleet.meta))
+    est = SocEstimator.from_meta(emu.fleet.meta, soh_prior=filter_soh_prior(emu.fleet.meta))
     estimates, truths, bms = [], [], []
     start_ms: int | None = None
     for chunk in emu.chunks():
@@ -957,9 +957,3 @@ def test_emulator_mean_cell_soc_is_tracked_for_nmc(emulated: dict[str, pl.DataFr
     for table in emulated.values():
         nmc = table.filter(pl.col("chemistry").str.starts_with("nmc"))
         assert nmc["rmse_vs_cell_mean"].to_numpy().max() <= 0.005
-
-
-def _twin_priors(meta: pl.DataFrame) -> dict[str, dict[str, float]]:
-    """The SoC filter's priors as the twin sets them (intake less the expected fade), never the truth."""
-    soh, weak = filter_priors(meta)
-    return {"soh_prior": soh, "weak_cell_rate": weak}

@@ -35,7 +35,7 @@ __all__ = [
     "PackEstimates",
     "SiteEstimation",
     "expected_soh",
-    "filter_priors",
+    "filter_soh_prior",
 ]
 
 F64 = NDArray[np.float64]
@@ -497,19 +497,15 @@ QUALITY_FLAGS: Final[tuple[tuple[int, str], ...]] = tuple(
 """Each SoC quality bit and its published name, in publishing order."""
 
 
-def filter_priors(
-    meta: pl.DataFrame, options: EstimationOptions | None = None
-) -> tuple[dict[str, float], dict[str, float]]:
-    """The priors the twin gives its SoC filter: the SoH of :func:`expected_soh`, no weak-cell rate.
+def filter_soh_prior(meta: pl.DataFrame, options: EstimationOptions | None = None) -> dict[str, float]:
+    """The SoH prior the twin gives its SoC filter: :func:`expected_soh`'s.
 
     For code that runs the SoC filter alone (tests, notebooks) as the twin runs it:
-    ``SocEstimator.from_meta(meta, soh_prior=..., weak_cell_rate=...)``. (Giving the filter
-    the mean cell behind the string's capacity and the weakest cell's expected shortfall was
+    ``SocEstimator.from_meta(meta, soh_prior=filter_soh_prior(meta))``. (Giving the filter the
+    mean cell behind the string's capacity, and the weakest cell's expected shortfall, was
     tried: better over days, worse in the first hours on the LFP plateau; not adopted.)
     """
-    o = options or EstimationOptions()
-    usable = expected_soh(meta, o)[0]
-    return usable, dict.fromkeys(usable, 0.0)
+    return expected_soh(meta, options or EstimationOptions())[0]
 
 
 def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> tuple[dict[str, float], dict[str, float]]:

@@ -55,20 +55,24 @@ PASSPORT_SCHEMA: Final = pl.Schema(
     }
 )
 
+#: The passport's columns that come from the twin's estimates (typed as in the schema).
 _ESTIMATE_COLUMNS: Final = {
-    "soh": pl.Float64,
-    "soh_std": pl.Float64,
-    "soh_bms": pl.Float64,
-    "rul_days_p5": pl.Float64,
-    "rul_days_p50": pl.Float64,
-    "rul_days_p95": pl.Float64,
-    "rul_efc_p50": pl.Float64,
-    "eol_soh": pl.Float64,
-    "resistance_ohm_25c": pl.Float64,
-    "resistance_growth": pl.Float64,
-    "knee": pl.Boolean,
-    "knee_onset_ms": pl.Int64,
-    "validity_share": pl.Float64,
+    name: PASSPORT_SCHEMA[name]
+    for name in (
+        "soh",
+        "soh_std",
+        "soh_bms",
+        "rul_days_p5",
+        "rul_days_p50",
+        "rul_days_p95",
+        "rul_efc_p50",
+        "eol_soh",
+        "resistance_ohm_25c",
+        "resistance_growth",
+        "knee",
+        "knee_onset_ms",
+        "validity_share",
+    )
 }
 
 

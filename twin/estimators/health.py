@@ -577,13 +577,12 @@ class HealthTracker:
             # Not tracking yet: the packs already placed keep their curves (prepare places the rest).
             known = [(d, s_) for d, s_ in keep if np.isfinite(self._placed_ms[s_])]
             if known:
-                mask = np.zeros(len(out._packs.pack_ids), dtype=np.bool_)
-                mask[[d for d, _ in known]] = True
-                base = out._start_groups(0, only=np.zeros_like(mask))  # initial states only
+                unplaced = np.zeros(len(out._packs.pack_ids), dtype=np.bool_)
+                base = out._start_groups(0, only=unplaced)  # the laws' initial states only
                 laws = {p: old_law[p] for p in old_law if np.isfinite(self._placed_ms[where[p]])}
                 out._placed = _carry_groups(base, self._placed, out._packs, where, laws, self._grid.size)
-                out._placed_ms = np.where(mask, out._packs.meta_ms, np.nan)
-                out._placed_ms[[d for d, _ in known]] = self._placed_ms[[s_ for _, s_ in known]]
+                dst, src = (np.array(side, dtype=np.intp) for side in zip(*known, strict=True))
+                out._placed_ms[dst] = self._placed_ms[src]
         if not old.started or not keep:
             return out
         dst = np.array([d for d, _ in keep], dtype=np.intp)

@@ -247,9 +247,6 @@ class PackInfo:
         soc0_std: standard deviation of the initial SoC prior, fraction.
         series_r_ohm: extra series resistance of the whole pack that the chemistry does not
             know (cabling, sense leads), Ω; 0 by default.
-        weak_cell_rate: prior of the weakest cell group's rate (its capacity is
-            ``capacity_ah / (1 + rate)``): how far the string's usable capacity is expected to
-            sit below its mean cell's; 0 (the mean's) by default.
     """
 
     pack_ids: tuple[str, ...]
@@ -260,7 +257,6 @@ class PackInfo:
     soc0: F64
     soc0_std: F64
     series_r_ohm: F64
-    weak_cell_rate: F64 | float = 0.0
 
     def __post_init__(self) -> None:
         """Freeze the arrays and check shapes and ranges.
@@ -279,7 +275,6 @@ class PackInfo:
             ("soc0", np.float64),
             ("soc0_std", np.float64),
             ("series_r_ohm", np.float64),
-            ("weak_cell_rate", np.float64),
         ):
             arr = _frozen(np.broadcast_to(np.asarray(getattr(self, name)), (n,)), dtype)
             object.__setattr__(self, name, arr)
@@ -290,7 +285,6 @@ class PackInfo:
             ("soc0", (self.soc0 >= 0.0) & (self.soc0 <= 1.0)),
             ("soc0_std", self.soc0_std > 0.0),
             ("series_r_ohm", self.series_r_ohm >= 0.0),
-            ("weak_cell_rate", np.asarray(self.weak_cell_rate) >= 0.0),
         )
         for name, ok in checks:
             if not bool(np.all(ok)):
@@ -309,7 +303,6 @@ class PackInfo:
         meta: pl.DataFrame,
         *,
         soh_prior: Mapping[str, float] | None = None,
-        weak_cell_rate: Mapping[str, float] | None = None,
         soc0: float = 0.5,
         soc0_std: float = 0.3,
     ) -> PackInfo:
@@ -322,7 +315,6 @@ class PackInfo:
             meta: one row per pack with ``pack``, ``chemistry``, ``rated_capacity_ah``,
                 ``series_cells`` and optionally ``intake_soh``.
             soh_prior: SoH priors by pack id (from a capacity estimate, say).
-            weak_cell_rate: the weakest cell group's rate prior by pack id (default 0).
             soc0: initial SoC prior of every pack.
             soc0_std: its standard deviation.
 
@@ -351,7 +343,6 @@ class PackInfo:
             soc0=np.full(len(ids), soc0),
             soc0_std=np.full(len(ids), soc0_std),
             series_r_ohm=np.zeros(len(ids)),
-            weak_cell_rate=np.array([(weak_cell_rate or {}).get(p, 0.0) for p in ids], dtype=np.float64),
         )
 
 
@@ -735,8 +726,7 @@ def initial_state(params: SocParams) -> SocState:
     """Return the prior: every pack at its SoC prior, no RC voltages, no hysteresis, no offset.
 
     The resistance scale starts at its prior from the SoH prior, the extreme cells at the
-    mean cell (no offset, the same resistance; the same rate but for the weakest cell's
-    :attr:`PackInfo.weak_cell_rate`).
+    mean cell (no offset, the same rate and resistance).
 
     The slow RC voltage's prior variance is zero for packs whose chemistry has no slow pair.
 
@@ -764,13 +754,11 @@ def initial_state(params: SocParams) -> SocState:
     cell_cov[:, :, _CR, _CR] = o.cell_rate0_std**2
     cell_cov[:, :, _CX, _CX] = o.cell_r0_std**2
     zeros = np.zeros(n, dtype=np.int64)
-    cell_x = np.zeros((n, 2, _N_CELL))
-    cell_x[:, 0, _CR] = p.weak_cell_rate  # the weakest cell's expected shortfall of capacity
     return SocState(
         pack_ids=p.pack_ids,
         x=x,
         cov=cov,
-        cell_x=cell_x,
+        cell_x=np.zeros((n, 2, _N_CELL)),
         cell_cov=cell_cov,
         last_ts_ms=np.full(n, _NO_TS, dtype=np.int64),
         last_current_a=np.zeros(n),
@@ -1647,7 +1635,6 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
         *,
         options: SocOptions = SocOptions(),
         soh_prior: Mapping[str, float] | None = None,
-        weak_cell_rate: Mapping[str, float] | None = None,
         soc0: float = 0.5,
         soc0_std: float = 0.3,
     ) -> Self:
@@ -1657,16 +1644,13 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
             meta: one row per pack, the contract's pack_meta columns.
             options: noise model and data-quality rules.
             soh_prior: SoH priors by pack id (default: the meta's ``intake_soh``, else 1).
-            weak_cell_rate: the weakest cell group's rate prior by pack id (default 0).
             soc0: initial SoC prior of every pack.
             soc0_std: its standard deviation.
 
         Returns:
             The estimator.
         """
-        packs = PackInfo.from_meta(
-            meta, soh_prior=soh_prior, weak_cell_rate=weak_cell_rate, soc0=soc0, soc0_std=soc0_std
-        )
+        packs = PackInfo.from_meta(meta, soh_prior=soh_prior, soc0=soc0, soc0_std=soc0_std)
         return cls(packs, options=options)
 
     def __repr__(self) -> str:
