@@ -25,7 +25,8 @@ timeout
 
 Retry policy (:class:`RetryPolicy`, :func:`write_with_retry`): capped exponential backoff with
 jitter. The n-th retry waits ``min(max_s, initial_s * multiplier**n)`` times a factor drawn
-uniformly from ``[1 - jitter, 1 + jitter]``, and never more than ``max_s``. When the server sent
+uniformly from ``[1 - jitter, 1 + jitter]``, and never more than ``max_s`` (once at the cap,
+the factor is drawn from ``[1 - jitter, 1]``, so capped waits stay spread). When the server sent
 ``Retry-After`` (seconds or an HTTP date), that is the wait instead: never earlier than asked,
 at most ``jitter`` later (within the ±20 % of F4), capped at ``retry_after_max_s`` and at least
 ``initial_s`` (so ``Retry-After: 0`` cannot make a busy loop). There is no
@@ -527,6 +528,10 @@ class RetryPolicy:
             base = self.initial_s * self.multiplier**attempt
         else:  # past the cap (and clear of float overflow after days of retrying)
             base = self.max_s
+        if base >= self.max_s:
+            # At the cap the spread goes below it only: clipping the upper half to the cap would
+            # send half of the clients back in step (every one of them at exactly max_s).
+            return float(self.max_s * (1 - self.jitter * abs(2 * u - 1)))
         return float(min(self.max_s, base * (1 + self.jitter * (2 * u - 1))))
 
     def delay_s(self, attempt: int, retry_after_s: float | None, u: float) -> float:
