@@ -17,6 +17,14 @@ works from partial cycles, and a pair is only formed once the SoC has moved by a
 filter's noise), or the pair is dropped when its relative ΔSoC uncertainty is too large
 (the LFP plateau, where the SoC is itself coulomb-counted and would only echo the prior).
 
+The pair's charge is corrected for the current sensor's offset, taken from the SoC filter's
+offset state *averaged over a day* (:attr:`CapacityOptions.offset_smoothing_s`), not its value
+at the checkpoint. The filter's offset state also absorbs its own model errors, and those
+follow the direction of the current: on a Leaf pack over 30 days it read about 0.05 A high
+during discharge and low during charge. Subtracting that reading shrank both discharge and
+charge pairs, and the capacity came out 6.5 % low. With the hours-long average the capacity
+was within 1 %, while the pack's true, fixed offset is still taken off.
+
 Checkpoints come on a fixed event-time grid (:class:`twin.estimation.SiteEstimation` takes
 them), so the result does not depend on how the telemetry is cut into batches. Vectorised
 over packs; no I/O.
@@ -56,6 +64,8 @@ class CapacityOptions:
             offset state, A (a bias over the interval).
         sample_s: telemetry sample period the noise refers to, s.
         forgetting: weight kept by past information per pair (1: none forgotten).
+        offset_smoothing_s: time constant of the exponential average of the SoC filter's
+            current-offset estimate that corrects each pair's charge, s.
     """
 
     prior_rel_std: float = 0.20
@@ -65,6 +75,7 @@ class CapacityOptions:
     current_offset_std_a: float = 0.1
     sample_s: float = 1.0
     forgetting: float = 0.995
+    offset_smoothing_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         """Check ranges.
@@ -74,6 +85,9 @@ class CapacityOptions:
         """
         if not (self.prior_rel_std > 0 and 0 < self.min_dsoc < 1 and self.max_rel_dsoc_std > 0):
             msg = f"CapacityOptions out of range: {self}"
+            raise EstimatorError(msg)
+        if not self.offset_smoothing_s > 0:
+            msg = f"CapacityOptions.offset_smoothing_s must be positive, got {self.offset_smoothing_s}"
             raise EstimatorError(msg)
         if not 0 < self.forgetting <= 1:
             msg = f"CapacityOptions.forgetting must be in (0, 1], got {self.forgetting}"
@@ -93,6 +107,8 @@ class CapacityState:
     anchor_ah: F64
     anchor_ts_ms: NDArray[np.int64]
     armed: B  # the SoC moved enough at the previous checkpoint: the pair closes at this one
+    offset_a: F64  # the filter's current offset averaged over hours; NaN: none seen yet
+    offset_ts_ms: NDArray[np.int64]  # when it was last updated
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -141,6 +157,8 @@ class CapacityTracker:
             anchor_ah=np.zeros(n),
             anchor_ts_ms=np.zeros(n, dtype=np.int64),
             armed=np.zeros(n, dtype=np.bool_),
+            offset_a=np.full(n, np.nan),
+            offset_ts_ms=np.zeros(n, dtype=np.int64),
         )
 
     def snapshot(self) -> CapacityState:
@@ -168,7 +186,8 @@ class CapacityTracker:
             ah: cumulative charge delivered since the start (discharge positive), A·h, as
                 measured (the sensor's offset included).
             current_offset_a: the SoC filter's estimate of the current sensor's offset, A;
-                taken off the pair's charge over its interval.
+                its average over :attr:`CapacityOptions.offset_smoothing_s` is taken off
+                the pair's charge over its interval.
             valid: packs whose values are current (fresh telemetry at this checkpoint).
         """
         s, o = self._state, self.options
@@ -178,7 +197,14 @@ class CapacityTracker:
         no_anchor = ok & np.isnan(s.anchor_soc)
         dsoc = s.anchor_soc - soc  # discharge positive, like the charge
         dt_s = (ts_ms - s.anchor_ts_ms) / 1000.0
-        dah = ah - s.anchor_ah - np.nan_to_num(np.asarray(current_offset_a, dtype=np.float64)) * dt_s / 3600.0
+        offset_now = np.asarray(current_offset_a, dtype=np.float64)
+        seen = np.asarray(valid, dtype=np.bool_) & np.isfinite(offset_now)
+        alpha = -np.expm1(-np.maximum(ts_ms - s.offset_ts_ms, 0) / (1000.0 * o.offset_smoothing_s))
+        offset = np.where(
+            seen, np.where(np.isnan(s.offset_a), offset_now, s.offset_a + alpha * (offset_now - s.offset_a)), s.offset_a
+        )
+        offset_ts = np.where(seen, ts_ms, s.offset_ts_ms)
+        dah = ah - s.anchor_ah - np.nan_to_num(offset) * dt_s / 3600.0
         # A pair closes one checkpoint *after* the SoC was seen to have moved enough: closing it
         # at the crossing itself would select the samples whose noise pushed them over the
         # threshold and bias the capacity low.
@@ -211,6 +237,8 @@ class CapacityTracker:
             anchor_ah=np.where(renew, ah, s.anchor_ah),
             anchor_ts_ms=np.where(renew, ts_ms, s.anchor_ts_ms),
             armed=armed & ~renew,
+            offset_a=offset,
+            offset_ts_ms=offset_ts,
         )
 
     def estimate(self) -> CapacityEstimate:
@@ -239,6 +267,8 @@ class CapacityTracker:
             "anchor_ah",
             "anchor_ts_ms",
             "armed",
+            "offset_a",
+            "offset_ts_ms",
         ):
             arr = np.array(getattr(new, name), copy=True)
             arr[into] = getattr(old, name)[keep]
