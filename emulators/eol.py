@@ -297,7 +297,10 @@ def eol_truth_frame(
 
     Returns:
         One row per pack: ``pack``, ``ts_ms`` (the run's last truth time), ``eol_soh``,
-        ``days_to_eol``, ``efc_to_eol`` (inf: beyond 100 years), ``soh``, ``aging_speedup``.
+        ``days_to_eol``, ``efc_to_eol`` (inf: beyond 100 years), ``soh``, ``aging_speedup``,
+        and ``knee`` (the pack was drawn with a knee, whose onset may lie after the run: the
+        evaluation scores RUL with and without those packs, since a knee yet to begin leaves
+        no trace in the telemetry).
     """
     fleet = emulation.fleet
     ids = fleet.pack_ids
@@ -315,6 +318,7 @@ def eol_truth_frame(
             "efc_to_eol": result.efc,
             "soh": result.soh_at_start,
             "aging_speedup": np.full(len(ids), emulation.options.aging_speedup),
+            "knee": np.asarray(fleet.knee, dtype=np.bool_),
         }
     )
 

@@ -74,6 +74,9 @@ def test_health_figures_are_computed_and_beat_the_bms(scores: dict[str, Any]) ->
         assert scores[key] is not None, key
     assert scores["soh_mae"] < scores["soh_mae_bms"]
     assert scores["capacity_mape"] <= 0.05
+    # RUL is also scored apart on the packs drawn with a knee (the truth says which).
+    assert scores["rul_packs_no_knee"] + scores["rul_packs_knee"] == scores["rul_packs"]
+    assert scores["rul_mape_no_knee"] is not None
 
 
 @pytest.mark.slow

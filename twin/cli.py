@@ -812,6 +812,11 @@ def evaluate(
     table.add_row(
         "RUL MAPE / P5-P95 coverage", f"{pct(scores.get('rul_mape'))} / {pct(scores.get('rul_band_coverage'))}", ""
     )
+    if "rul_mape_no_knee" in scores:
+        for label, name in (("no_knee", "without"), ("knee", "with")):
+            table.add_row(
+                f"  packs {name} a knee ({scores[f'rul_packs_{label}']})", pct(scores[f"rul_mape_{label}"]), ""
+            )
     if "alerts_precision" in scores:
         table.add_row(
             "alerts precision / recall", f"{pct(scores['alerts_precision'])} / {pct(scores['alerts_recall'])}", ""

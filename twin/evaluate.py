@@ -247,7 +247,9 @@ def _rul_scores(run: Path, est_dir: Path) -> dict[str, Any]:
     est_path = est_dir / ESTIMATES_FILE
     if not path.is_file() or not est_path.is_file():
         return {}
-    truth = pl.read_parquet(path).select("pack", pl.col("days_to_eol").alias("true_days"))
+    truth = pl.read_parquet(path)
+    knee = pl.col("knee") if "knee" in truth.columns else pl.lit(None, dtype=pl.Boolean)
+    truth = truth.select("pack", pl.col("days_to_eol").alias("true_days"), knee.alias("knee"))
     est = pl.read_parquet(est_path)
     if "rul_days_p50" not in est.columns:
         return {}
@@ -259,13 +261,21 @@ def _rul_scores(run: Path, est_dir: Path) -> dict[str, Any]:
     )
     if both.height == 0:
         return {"rul_packs": 0}
-    return {
+    out: dict[str, Any] = {
         "rul_mape": both.select(_ape("rul_days_p50", "true_days").mean()).item(),
         "rul_band_coverage": both.select(
             ((pl.col("true_days") >= pl.col("rul_days_p5")) & (pl.col("true_days") <= pl.col("rul_days_p95"))).mean()
         ).item(),
         "rul_packs": both.height,
     }
+    # A knee drawn for a pack may begin after the run: its true RUL is short while the
+    # telemetry shows nothing yet. The truth says which packs have one; score both sets.
+    if both.get_column("knee").null_count() == 0:
+        for label, rows in (("no_knee", both.filter(~pl.col("knee"))), ("knee", both.filter(pl.col("knee")))):
+            mape = rows.select(_ape("rul_days_p50", "true_days").mean()).item() if rows.height else None
+            out[f"rul_mape_{label}"] = mape
+            out[f"rul_packs_{label}"] = rows.height
+    return out
 
 
 def worst_packs(packs: pl.DataFrame, n: int = 6) -> list[str]:
