@@ -472,6 +472,48 @@ def test_discharge_current_is_positive_and_lowers_soc() -> None:
     assert after.cov[0, 0, 0] > state.cov[0, 0, 0]
 
 
+def test_the_mean_cell_is_counted_with_the_string_capacity_over_its_usable_share() -> None:
+    """The capacity prior is the string's; the mean cell the filter counts holds more.
+
+    A weakest cell 5 % of SoC below the mean that moves 10 % faster holds (0.6 - 0.05) / 1.1 =
+    0.5 of the mean cell's capacity, the strongest (the mean here) has room for 0.4: the string
+    uses 0.9 of the mean cell, so 1 % of the string's capacity is 0.9 % of the mean cell's.
+    Extreme cells whose states make no sense for a weakest cell (slower than the mean) leave
+    the count on the string's capacity.
+    """
+    packs = PackInfo(
+        pack_ids=("weak", "odd"),
+        chemistry=("nmc811", "nmc811"),
+        rated_group_ah=np.array([100.0, 100.0]),
+        series=np.array([96, 96]),
+        capacity_ah=np.array([100.0, 100.0]),
+        soc0=np.array([0.6, 0.6]),
+        soc0_std=np.array([0.01, 0.01]),
+        series_r_ohm=np.zeros(2),
+    )
+    params = SocEstimator(packs).params
+    state = initial_state(params)
+    cell_x = state.cell_x.copy()
+    cell_x[0, 0] = [-0.05, 0.1, 0.0]  # weakest cell: offset, rate, resistance excess
+    cell_x[1, 0] = [-0.05, -0.3, 0.0]  # a "weakest" cell moving slower than the mean
+    state = dataclasses.replace(state, cell_x=cell_x)
+    frame = pl.DataFrame(
+        {
+            "pack": ["weak", "weak", "odd", "odd"],
+            "ts_ms": [T0_MS, T0_MS + 360_000] * 2,
+            "voltage_v": [np.nan] * 4,  # no measurement: pure coulomb counting
+            "current_a": [10.0] * 4,
+            "temp_avg_c": [25.0] * 4,
+        }
+    )
+    (samples,) = samples_from_frame(frame, params, state.last_ts_ms)
+    after = step(state, samples, params)
+    assert after.x[0, 0] == pytest.approx(0.6 - 0.009, abs=1e-12)
+    assert after.x[1, 0] == pytest.approx(0.6 - 0.01, abs=1e-12)
+    # the weakest cell's offset moved with its rate: 10 % of the mean's change
+    assert after.cell_x[0, 0, 0] == pytest.approx(-0.05 - 0.1 * 0.009, abs=1e-12)
+
+
 def test_step_is_pure_and_a_gap_inflates_the_covariance() -> None:
     est = SocEstimator.from_meta(CONTRACT_META)
     params, state = est.params, est.snapshot()
