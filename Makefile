@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SYSTEM_PACKAGES := mosquitto mosquitto-clients influxdb
 
-.PHONY: help test demo check bench system-deps install clean
+.PHONY: help test demo check bench accuracy-30d system-deps install clean
 
 help:
 	@echo "make test    install what is missing (apt-get, pip) and run the whole test suite"
 	@echo "make demo    install and run the demo (emulated Nevada site)"
 	@echo "make check   ruff and mypy"
 	@echo "make bench   run every benchmark and print one table"
+	@echo "make accuracy-30d  emulate 30 days of 60 nevada packs, replay, score (about 35 min)"
 
 # Mosquitto and InfluxDB 1.x are real dependencies of the integration tests.
 system-deps:
@@ -53,6 +54,14 @@ demo: $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+# Issue 6's month: 60 packs of every nevada kind with the scenario's faults, 30 days at real
+# aging (emulation about 22 min, replay about 10 min, 3 GB in runs/n60_30d), then the table.
+accuracy-30d: $(STAMP)
+	$(BIN)/mgtwin emulate --scenario nevada --packs 60 --duration 30d --dt 10 --pack-level \
+	  --truth --truth-every 1m --site-truth-every 1h --out runs/n60_30d
+	$(BIN)/mgtwin replay runs/n60_30d --every 5m
+	$(BIN)/mgtwin evaluate runs/n60_30d --skip 6h
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -501,9 +501,10 @@ def filter_soh_prior(meta: pl.DataFrame, options: EstimationOptions | None = Non
     """The SoH prior the twin gives its SoC filter: :func:`expected_soh`'s.
 
     For code that runs the SoC filter alone (tests, notebooks) as the twin runs it:
-    ``SocEstimator.from_meta(meta, soh_prior=filter_soh_prior(meta))``. (Giving the filter the
-    mean cell behind the string's capacity, and the weakest cell's expected shortfall, was
-    tried: better over days, worse in the first hours on the LFP plateau; not adopted.)
+    ``SocEstimator.from_meta(meta, soh_prior=filter_soh_prior(meta))``. The prior is the
+    string's usable capacity; the filter itself scales it to its mean cell by the usable share
+    its extreme-cell trackers find (a fixed expected weakest-cell shortfall in the prior was
+    tried before: better over days, worse in the first hours on the LFP plateau).
     """
     return expected_soh(meta, options or EstimationOptions())[0]
 
