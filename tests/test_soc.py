@@ -38,6 +38,7 @@ from twin.estimators.soc import (
     SocFlag,
     SocOptions,
     SocState,
+    estimate_from_state,
     initial_state,
     samples_from_frame,
     step,
@@ -512,6 +513,36 @@ def test_the_mean_cell_is_counted_with_the_string_capacity_over_its_usable_share
     assert after.x[1, 0] == pytest.approx(0.6 - 0.01, abs=1e-12)
     # the weakest cell's offset moved with its rate: 10 % of the mean's change
     assert after.cell_x[0, 0, 0] == pytest.approx(-0.05 - 0.1 * 0.009, abs=1e-12)
+
+
+def test_a_settled_weakest_cell_rate_is_read_on_its_side_of_zero() -> None:
+    """The published usable SoC reads a settled rate across zero as zero, an unsettled one as it is.
+
+    Weakest cell 10 % of SoC below a mean at 0.5, strongest at the mean: the string holds 0.4
+    and has room for 0.5, a usable SoC of 0.4 / 0.9. A weakest-cell rate of -0.05 (a larger
+    cell than the mean, which a settled tracker's noise suggests) would make it 0.4 / 0.95 /
+    (0.4 / 0.95 + 0.5).
+    """
+    packs = PackInfo(
+        pack_ids=("settled", "unsettled"),
+        chemistry=("nmc811", "nmc811"),
+        rated_group_ah=np.array([100.0, 100.0]),
+        series=np.array([96, 96]),
+        capacity_ah=np.array([100.0, 100.0]),
+        soc0=np.array([0.5, 0.5]),
+        soc0_std=np.array([0.01, 0.01]),
+        series_r_ohm=np.zeros(2),
+    )
+    params = SocEstimator(packs).params
+    state = initial_state(params)
+    cell_x, cell_cov = state.cell_x.copy(), state.cell_cov.copy()
+    cell_x[:, 0] = [-0.1, -0.05, 0.0]
+    cell_cov[:, :, 0, 0] = 0.01**2  # the offsets are known: cell voltages have arrived
+    cell_cov[0, :, 1, 1] = 0.02**2  # the first pack's rates are settled, the second's not
+    est = estimate_from_state(dataclasses.replace(state, cell_x=cell_x, cell_cov=cell_cov), params)
+    held = 0.4 / 0.95
+    assert est.soc_usable[0] == pytest.approx(0.4 / 0.9, abs=1e-12)
+    assert est.soc_usable[1] == pytest.approx(held / (held + 0.5), abs=1e-12)
 
 
 def test_step_is_pure_and_a_gap_inflates_the_covariance() -> None:

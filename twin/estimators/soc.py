@@ -194,10 +194,12 @@ _R_SCALE_LIMITS: Final = (0.2, 10.0)
 # Extreme-cell filters: per pack, the weakest (0) and strongest (1) cell group, three states each.
 _N_CELL: Final = 3
 _CD, _CR, _CX = 0, 1, 2  # SoC offset from the mean, rate (d soc_cell / d soc_mean - 1), resistance excess
-#: Where the coulomb count reads the extreme cells' states (:meth:`_Bank._usable_share`): the
-#: rates it believes (a weakest cell up to half again as fast as the mean, a strongest one up to
-#: half as slow, with a little slack across zero) and the least usable share it applies.
-_MAX_RATE: Final = 0.5
+#: How the usable share reads the extreme cells' rates (:func:`_extreme_rates`): a weakest cell
+#: up to twice as fast as the mean (half its capacity), a strongest one up to half as slow, with
+#: a little slack across zero; and the least usable share the coulomb count applies.
+_MAX_RATE: Final = 1.0
+#: The published usable SoC reads a rate on its side of zero once its standard deviation is below this.
+_SETTLED_RATE_STD: Final = 0.05
 _RATE_SLACK: Final = 0.02
 _MIN_USABLE_SHARE: Final = 0.75
 _CELL_OFFSET_LIMIT: Final = 0.5
@@ -1201,15 +1203,11 @@ class _Bank:
         cell voltages place the extreme cells away from the mean.
         """
         cx = self.cx
-        rate_min, rate_max = cx[_CR, 0], cx[_CR, 1]
+        rate_min, rate_max, plausible = _extreme_rates(cx[_CR])
         held = np.clip(self.soc + cx[_CD, 0], 0.0, 1.0) / (1.0 + rate_min)
         room = (1.0 - np.clip(self.soc + cx[_CD, 1], 0.0, 1.0)) / (1.0 + rate_max)
-        # The share assumes the lowest cell is one of less capacity (rate >= 0) and the highest
-        # one of more (rate <= 0), within half of the mean's. Trackers outside that (cell
-        # voltages inconsistent with the pack's, say) leave the count on the string's capacity.
-        plausible = (
-            (rate_min >= -_RATE_SLACK) & (rate_min <= _MAX_RATE) & (rate_max <= _RATE_SLACK) & (rate_max >= -_MAX_RATE)
-        )
+        # Trackers that make no sense (cell voltages inconsistent with the pack's, say) leave
+        # the count on the string's capacity.
         return np.where(plausible, np.clip(held + room, _MIN_USABLE_SHARE, 1.0), 1.0)
 
     def _predict_cells(self, dt: F64, dsoc: F64, abs_dsoc: F64) -> None:
@@ -1481,6 +1479,25 @@ class SocEstimate:
         return pl.DataFrame({"pack": list(self.pack_ids), **data})
 
 
+def _extreme_rates(rate: F64) -> tuple[F64, F64, B]:
+    """The weakest and strongest cells' rates as the usable share reads them, and whether they make sense.
+
+    ``rate``: ``(2, ...)``, the weakest cell's rate then the strongest's. The weakest cell is
+    taken as one of less capacity than the mean (rate >= 0) and the strongest as one of more
+    (rate <= 0), each within :data:`_MAX_RATE`: a settled tracker's rate across zero is its
+    noise, and read as it is it shrank the usable swing (on a 2-day run at 30x aging the
+    capacity came out 2 % high on the new NMC packs, whose cells differ by 1.5 %; SoH MAE 1.40
+    points, 0.83 with the rates read on their side). ``plausible`` is False where a rate lies
+    across zero by more than a little slack or beyond the bound: the coulomb count then leaves
+    the share alone.
+    """
+    rate_min, rate_max = rate[0], rate[1]
+    plausible: B = (
+        (rate_min >= -_RATE_SLACK) & (rate_min <= _MAX_RATE) & (rate_max <= _RATE_SLACK) & (rate_max >= -_MAX_RATE)
+    )
+    return np.clip(rate_min, 0.0, _MAX_RATE), np.clip(rate_max, -_MAX_RATE, 0.0), plausible
+
+
 def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | None = None) -> SocEstimate:
     """Compute the outputs and quality flags from a state (pure).
 
@@ -1505,9 +1522,16 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     # The string is empty when its weakest cell is, full when its strongest is: usable SoC =
     # charge the weakest cell still holds over that plus the room left in the strongest,
     # each cell's capacity being the mean's over (1 + its rate).
-    rate = np.where(has_cells, cx[:, :, _CR], 0.0)
-    held = np.where(np.isnan(s_min), soc, s_min) / (1.0 + rate[:, 0])
-    room = (1.0 - np.where(np.isnan(s_max), soc, s_max)) / (1.0 + rate[:, 1])
+    # Once a rate is known to within _SETTLED_RATE_STD it is read on its side of zero
+    # (:func:`_extreme_rates`); before, as it is: clipping a noisy estimate would bias the first
+    # hours' usable swing (nevada, Leaf packs, first two hours: 1.2 -> 1.9 %).
+    raw = np.where(has_cells, cx[:, :, _CR], 0.0)
+    sided_min, sided_max, _ = _extreme_rates(raw.T)
+    settled = state.cell_cov[:, :, _CR, _CR] < _SETTLED_RATE_STD**2
+    rate_min = np.where(settled[:, 0], sided_min, raw[:, 0])
+    rate_max = np.where(settled[:, 1], sided_max, raw[:, 1])
+    held = np.where(np.isnan(s_min), soc, s_min) / (1.0 + rate_min)
+    room = (1.0 - np.where(np.isnan(s_max), soc, s_max)) / (1.0 + rate_max)
     denom = held + room
     usable = np.where(denom > 0.0, held / np.where(denom > 0.0, denom, 1.0), soc)
     rows, frac = _lookup(params.table, params.row, soc_raw)
