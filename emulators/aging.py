@@ -22,15 +22,22 @@ from numpy.typing import NDArray
 
 from emulators.fleet import Fleet
 from emulators.pack import PackBank
-from twin.chemistry.aging import SOC_GRID, AgingLaw, AgingState, KneeModel, Stressors, get_aging_law
+from twin.chemistry.aging import (
+    FIRST_LIFE,
+    SOC_GRID,
+    AgingLaw,
+    AgingState,
+    KneeModel,
+    Stressors,
+    first_life_stressors,
+    get_aging_law,
+)
 
 __all__ = ["FIRST_LIFE", "FleetAging"]
 
 F64 = NDArray[np.float64]
 
-#: Stressors assumed for an EV's first life: 25 °C, mean SoC 0.6, DoD 0.5, 0.3C while driving
-#: or charging, mostly parked (mean |C-rate| 0.05).
-FIRST_LIFE: Final = {"temp_k": 298.15, "soc_mean": 0.6, "dod": 0.5, "c_rate_mean": 0.05, "c_rate": 0.3}
+#: First lives are aged at :data:`twin.chemistry.aging.FIRST_LIFE` (re-exported here) in chunks of this many days.
 _FIRST_LIFE_CHUNK_DAYS: Final = 30.0
 _KNEE_ONSET_SPREAD_EFC: Final = 50.0
 _SITE_EFC_PER_DAY: Final = 1.0
@@ -90,7 +97,6 @@ class FleetAging:
         # First life at its own EFC rate, then the site's life so far at about one EFC a day.
         efc_total = fleet.first_life_efc[idx] + _SITE_EFC_PER_DAY * fleet.site_days[idx]
         per_day = efc_total / np.maximum(days, 1.0)
-        n = idx.size
         q_intake = np.asarray(state.q, dtype=np.float64).copy()
         # Chunks end at commissioning: the state there is the intake's.
         steps = (
@@ -101,16 +107,7 @@ class FleetAging:
             dt_days = np.clip(target - state.t_days, 0.0, _FIRST_LIFE_CHUNK_DAYS)
             if not np.any(dt_days > 0):
                 break
-            stress = Stressors.from_means(
-                dt_days=dt_days,
-                temp_k=np.full(n, FIRST_LIFE["temp_k"]),
-                soc_mean=np.full(n, FIRST_LIFE["soc_mean"]),
-                dod=np.full(n, FIRST_LIFE["dod"]),
-                c_rate_mean=np.full(n, FIRST_LIFE["c_rate_mean"]),
-                c_rate_charge_mean=np.full(n, FIRST_LIFE["c_rate"]),
-                c_rate_discharge_mean=np.full(n, FIRST_LIFE["c_rate"]),
-                efc=per_day * dt_days,
-            )
+            stress = first_life_stressors(dt_days, efc=per_day * dt_days)
             state = law.step(state, stress, scalar=fleet.aging_scalar[idx])
             at_intake = (first > 0) & np.isclose(state.t_days, first)
             q_intake = np.where(at_intake, np.asarray(state.q), q_intake)

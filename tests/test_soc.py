@@ -37,6 +37,7 @@ from twin.estimators.soc import (
     SocEstimator,
     SocFlag,
     SocOptions,
+    SocParams,
     SocState,
     estimate_from_state,
     initial_state,
@@ -473,6 +474,21 @@ def test_discharge_current_is_positive_and_lowers_soc() -> None:
     assert after.cov[0, 0, 0] > state.cov[0, 0, 0]
 
 
+def _two_nmc811_packs(ids: tuple[str, str], *, soc0: float) -> SocParams:
+    """Filter parameters of two 100 Ah NMC811 packs of 96 groups at ``soc0`` (std 0.01)."""
+    packs = PackInfo(
+        pack_ids=ids,
+        chemistry=("nmc811", "nmc811"),
+        rated_group_ah=np.array([100.0, 100.0]),
+        series=np.array([96, 96]),
+        capacity_ah=np.array([100.0, 100.0]),
+        soc0=np.array([soc0, soc0]),
+        soc0_std=np.array([0.01, 0.01]),
+        series_r_ohm=np.zeros(2),
+    )
+    return SocEstimator(packs).params
+
+
 def test_the_mean_cell_is_counted_with_the_string_capacity_over_its_usable_share() -> None:
     """The capacity prior is the string's; the mean cell the filter counts holds more.
 
@@ -482,17 +498,7 @@ def test_the_mean_cell_is_counted_with_the_string_capacity_over_its_usable_share
     Extreme cells whose states make no sense for a weakest cell (slower than the mean) leave
     the count on the string's capacity.
     """
-    packs = PackInfo(
-        pack_ids=("weak", "odd"),
-        chemistry=("nmc811", "nmc811"),
-        rated_group_ah=np.array([100.0, 100.0]),
-        series=np.array([96, 96]),
-        capacity_ah=np.array([100.0, 100.0]),
-        soc0=np.array([0.6, 0.6]),
-        soc0_std=np.array([0.01, 0.01]),
-        series_r_ohm=np.zeros(2),
-    )
-    params = SocEstimator(packs).params
+    params = _two_nmc811_packs(("weak", "odd"), soc0=0.6)
     state = initial_state(params)
     cell_x = state.cell_x.copy()
     cell_x[0, 0] = [-0.05, 0.1, 0.0]  # weakest cell: offset, rate, resistance excess
@@ -523,17 +529,7 @@ def test_a_settled_weakest_cell_rate_is_read_on_its_side_of_zero() -> None:
     cell than the mean, which a settled tracker's noise suggests) would make it 0.4 / 0.95 /
     (0.4 / 0.95 + 0.5).
     """
-    packs = PackInfo(
-        pack_ids=("settled", "unsettled"),
-        chemistry=("nmc811", "nmc811"),
-        rated_group_ah=np.array([100.0, 100.0]),
-        series=np.array([96, 96]),
-        capacity_ah=np.array([100.0, 100.0]),
-        soc0=np.array([0.5, 0.5]),
-        soc0_std=np.array([0.01, 0.01]),
-        series_r_ohm=np.zeros(2),
-    )
-    params = SocEstimator(packs).params
+    params = _two_nmc811_packs(("settled", "unsettled"), soc0=0.5)
     state = initial_state(params)
     cell_x, cell_cov = state.cell_x.copy(), state.cell_cov.copy()
     cell_x[:, 0] = [-0.1, -0.05, 0.0]

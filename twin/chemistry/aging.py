@@ -74,6 +74,7 @@ __all__ = [
     "AGING_LAWS",
     "ATTIA_MEDIAN_KNEE_TO_EOL",
     "EMPIRICAL_R_PER_FADE",
+    "FIRST_LIFE",
     "REST_C_RATE",
     "SEVERSON_LFP_KNEE_TO_EOL",
     "SOC_GRID",
@@ -91,6 +92,7 @@ __all__ = [
     "Validity",
     "ValidityFlags",
     "anode_potential_v",
+    "first_life_stressors",
     "get_aging_law",
     "power_b_increment",
     "power_law_increment",
@@ -1535,3 +1537,27 @@ def get_aging_law(name: str) -> AgingLaw:
             hint = f"known laws: {', '.join(sorted(AGING_LAWS))}"
         msg = f"unknown aging law {name!r}; {hint}"
         raise ChemistryError(msg) from None
+
+
+#: Stressors assumed for an EV's first life and for a pack's time at the site before tracking:
+#: 25 °C, mean SoC 0.6, DoD 0.5, 0.3C while driving or charging, mostly parked (mean |C| 0.05).
+#: Typical values (BATTERY_NOTES 1.4 and 3), not measurements of any pack. The emulator ages its
+#: packs' first lives with them and the twin places the packs on their curves with the same.
+FIRST_LIFE: Final = MappingProxyType(
+    {"temp_k": 298.15, "soc_mean": 0.6, "dod": 0.5, "c_rate_mean": 0.05, "c_rate": 0.3}
+)
+
+
+def first_life_stressors(dt_days: ArrayLike, efc: ArrayLike = 0.0) -> Stressors:
+    """Chunks of :data:`FIRST_LIFE` duty: one row per element of ``dt_days``, with ``efc`` cycles each."""
+    n = np.asarray(dt_days).size
+    return Stressors.from_means(
+        dt_days=dt_days,
+        temp_k=np.full(n, FIRST_LIFE["temp_k"]),
+        soc_mean=np.full(n, FIRST_LIFE["soc_mean"]),
+        dod=np.full(n, FIRST_LIFE["dod"]),
+        c_rate_mean=np.full(n, FIRST_LIFE["c_rate_mean"]),
+        c_rate_charge_mean=np.full(n, FIRST_LIFE["c_rate"]),
+        c_rate_discharge_mean=np.full(n, FIRST_LIFE["c_rate"]),
+        efc=efc,
+    )

@@ -78,12 +78,14 @@ from numpy.typing import NDArray
 
 from twin.chemistry import get_chemistry
 from twin.chemistry.aging import (
+    FIRST_LIFE,
     REST_C_RATE,
     SOC_GRID,
     AgingLaw,
     AgingState,
     KneeModel,
     Stressors,
+    first_life_stressors,
     get_aging_law,
 )
 from twin.estimators.base import EstimatorError, check_names, check_non_negative
@@ -102,10 +104,6 @@ I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
 IP = NDArray[np.intp]
 
-#: Stressors assumed for an EV's first life and for a pack's time at the site before tracking:
-#: 25 °C, mean SoC 0.6, DoD 0.5, 0.3C while driving or charging, mostly parked (mean |C| 0.05).
-#: Typical values (BATTERY_NOTES 1.4 and 3), not measurements of any pack.
-FIRST_LIFE: Final = {"temp_k": 298.15, "soc_mean": 0.6, "dod": 0.5, "c_rate_mean": 0.05, "c_rate": 0.3}
 _FIRST_LIFE_CHUNK_DAYS: Final = 30.0
 _MIN_CURVE_Q: Final = 0.05
 """Relative capacity on a law's curve below which a grid scalar's placement is implausible."""
@@ -691,7 +689,7 @@ class HealthTracker:
                 continue
             sub = _take_state(grp.state, rows)
             q_before = np.asarray(sub.q, dtype=np.float64).copy()
-            base = _typical_duty(rows.size)
+            base = first_life_stressors(np.zeros(rows.size))
             scalar = np.tile(self._grid, grp.members.size)[rows]
             left = d[rows].copy()
             while np.any(left > 0):
@@ -744,7 +742,7 @@ class HealthTracker:
                 sub = _take_state(state, rows)
                 q_intake = np.asarray(sub.q, dtype=np.float64).copy()
                 # The first-life stressors are constant: built once, only the chunk length changes.
-                base = _typical_duty(rows.size)
+                base = first_life_stressors(np.zeros(rows.size))
                 # Chunks end at commissioning, where the intake test measured the pack.
                 chunks = int(np.ceil(first.max() / _FIRST_LIFE_CHUNK_DAYS) + np.ceil(d.max() / _FIRST_LIFE_CHUNK_DAYS))
                 for _ in range(chunks + 1):
@@ -1246,19 +1244,6 @@ def _curve_ratio(q: F64, q0: F64) -> F64:
     """
     out: F64 = np.where(q0 > _MIN_CURVE_Q, np.clip(q / np.maximum(q0, _MIN_CURVE_Q), 0.0, 1.0), 1.0)
     return out
-
-
-def _typical_duty(n: int) -> Stressors:
-    """``n`` rows of the :data:`FIRST_LIFE` stressors with zero length (set ``dt_days`` and ``efc`` per step)."""
-    return Stressors.from_means(
-        dt_days=np.zeros(n),
-        temp_k=np.full(n, FIRST_LIFE["temp_k"]),
-        soc_mean=np.full(n, FIRST_LIFE["soc_mean"]),
-        dod=np.full(n, FIRST_LIFE["dod"]),
-        c_rate_mean=np.full(n, FIRST_LIFE["c_rate_mean"]),
-        c_rate_charge_mean=np.full(n, FIRST_LIFE["c_rate"]),
-        c_rate_discharge_mean=np.full(n, FIRST_LIFE["c_rate"]),
-    )
 
 
 def _merge_rows(base: tuple[_LawGroup, ...], other: tuple[_LawGroup, ...], packs: B, g: int) -> tuple[_LawGroup, ...]:
