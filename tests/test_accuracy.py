@@ -7,14 +7,14 @@ evaluate --json``; the figures are printed whatever the outcome.
 
 Asserted are the targets the twin meets today: on nevada (60 packs, 4 h) every chemistry's
 SoC RMSE target, three times better than the BMS over all packs, and site energy, runtime
-and ride-through within 5 %; on cold_lfp (24 h) the LFP and NMC SoC targets and the energy
-and ride-through within 5 %; the P5-P95 band holds the truth at least 80 % of the time on
-both. The rest are printed and reported in the issue, never hidden behind an expected
-failure: on cold_lfp the twin is better than the BMS but not three times (the LFP packs rest
-on their plateau for the first hours, where the twin starting cold has nothing to go on and
-the BMS counters start at the truth; once the day's charge reaches the steep top the twin is
-at 1 % and the BMS at 5 %), and the bands are too wide for the issue's 98 % upper bound (the
-truth falls inside every time: the LFP packs' SoC uncertainty on the plateau dominates them).
+and ride-through within 5 %; on cold_lfp (24 h) the LFP and NMC SoC targets, three times
+better than the BMS (3.4x: the LFP packs rest on their plateau for the first hours, where
+the prior centred on the first reading keeps the twin within about 2 %, and once the day's
+charge reaches the steep top the twin is at 1 % and the BMS at 5 %), and the energy and
+ride-through within 5 %; the P5-P95 band holds the truth at least 80 % of the time on both.
+The rest is printed and reported in the issue, never hidden behind an expected failure:
+the bands are too wide for the issue's 98 % upper bound (the truth falls inside every time:
+the LFP packs' SoC uncertainty on the plateau dominates them).
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ def test_nevada_soc_meets_every_chemistry_target_and_beats_the_bms_threefold(nev
 
 
 @pytest.mark.slow
-def test_cold_lfp_soc_meets_the_targets(cold_lfp: dict[str, Any]) -> None:
+def test_cold_lfp_soc_meets_the_targets_and_beats_the_bms_threefold(cold_lfp: dict[str, Any]) -> None:
     by_chem = cold_lfp["soc_rmse_by_chemistry"]
     assert by_chem["lfp"] <= TARGETS["lfp"]
     assert by_chem["nmc532"] <= TARGETS["nmc532"]
-    assert cold_lfp["soc_rmse"] < cold_lfp["soc_rmse_bms"]
+    assert cold_lfp["soc_rmse"] * BETTER_THAN_BMS <= cold_lfp["soc_rmse_bms"]
 
 
 @pytest.mark.slow

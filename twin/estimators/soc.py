@@ -73,6 +73,11 @@ How the filter is tuned, and what it says about itself:
   of the tangent. With a wide prior on a curved OCV (LFP's plateau between steep ends) the
   tangent makes the first updates jump into the wrong region and collapse the covariance
   there; once the prior is narrow the two agree.
+* The SoC prior of a pack the twin has never seen is centred on its first reading where
+  that reading leaves the SoC open (the LFP plateau, the hysteresis state unknown): there a
+  fixed centre would decide where the estimate settles among the (SoC, hysteresis) pairs
+  that explain the voltage. Elsewhere the reading pins the SoC within minutes from any
+  centre (:meth:`_Bank._centre_prior`; :attr:`PackInfo.soc0` NaN, the default).
 
 Two small Kalman filters per pack follow the weakest (lowest-voltage) and the strongest
 (highest-voltage) cell group from ``cell_v_min_v`` and ``cell_v_max_v``, three states each::
@@ -139,6 +144,7 @@ References:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Final, Self
@@ -189,6 +195,8 @@ _NO_TS: Final = -1
 _N_STATES: Final = 6
 # State indices: x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a, r_scale].
 _SOC, _V1, _V2, _HY, _OFF, _RS = 0, 1, 2, 3, 4, 5
+_CENTRE_SPAN: Final = 0.05  # half-width of the SoC span whose mean OCV slope is the reading's sensitivity
+_OPEN_SOC: Final = 0.05  # a first reading leaving the SoC open by more than this centres the prior on it
 _SOC_LIMITS: Final = (-0.2, 1.2)  # the state may overshoot [0, 1] a little; outputs are clipped
 _R_SCALE_LIMITS: Final = (0.2, 10.0)
 # Extreme-cell filters: per pack, the weakest (0) and strongest (1) cell group, three states each.
@@ -258,7 +266,8 @@ class PackInfo:
         series: series cell groups per pack.
         capacity_ah: capacity prior of one cell group (rated x SoH prior, or a measured
             value), Ah; the coulomb counter divides by it.
-        soc0: initial SoC prior, fraction.
+        soc0: initial SoC prior, fraction; NaN centres the prior on the pack's first reading
+            (its voltage, less the ohmic drop, through the OCV table at zero hysteresis).
         soc0_std: standard deviation of the initial SoC prior, fraction.
         series_r_ohm: extra series resistance of the whole pack that the chemistry does not
             know (cabling, sense leads), Ω; 0 by default.
@@ -297,7 +306,7 @@ class PackInfo:
             ("rated_group_ah", self.rated_group_ah > 0.0),
             ("series", self.series >= 1),
             ("capacity_ah", self.capacity_ah > 0.0),
-            ("soc0", (self.soc0 >= 0.0) & (self.soc0 <= 1.0)),
+            ("soc0", np.isnan(self.soc0) | ((self.soc0 >= 0.0) & (self.soc0 <= 1.0))),
             ("soc0_std", self.soc0_std > 0.0),
             ("series_r_ohm", self.series_r_ohm >= 0.0),
         )
@@ -318,7 +327,7 @@ class PackInfo:
         meta: pl.DataFrame,
         *,
         soh_prior: Mapping[str, float] | None = None,
-        soc0: float = 0.5,
+        soc0: float | None = None,
         soc0_std: float = 0.3,
     ) -> PackInfo:
         """Build the pack info from pack_meta rows (the contract's columns).
@@ -330,7 +339,8 @@ class PackInfo:
             meta: one row per pack with ``pack``, ``chemistry``, ``rated_capacity_ah``,
                 ``series_cells`` and optionally ``intake_soh``.
             soh_prior: SoH priors by pack id (from a capacity estimate, say).
-            soc0: initial SoC prior of every pack.
+            soc0: initial SoC prior of every pack; None (the default) centres each pack's
+                prior on its first reading (see :attr:`PackInfo.soc0`).
             soc0_std: its standard deviation.
 
         Returns:
@@ -355,7 +365,7 @@ class PackInfo:
             rated_group_ah=rated,
             series=meta.get_column("series_cells").cast(pl.Int64).to_numpy(),
             capacity_ah=rated * soh,
-            soc0=np.full(len(ids), soc0),
+            soc0=np.full(len(ids), math.nan if soc0 is None else soc0),
             soc0_std=np.full(len(ids), soc0_std),
             series_r_ohm=np.zeros(len(ids)),
         )
@@ -758,7 +768,8 @@ def initial_state(params: SocParams) -> SocState:
     o = params.options
     n = p.n_packs
     x = np.zeros((n, _N_STATES))
-    x[:, _SOC] = p.soc0
+    # A prior to be centred on the first reading waits at mid-range until that reading.
+    x[:, _SOC] = np.where(np.isnan(p.soc0), 0.5, p.soc0)
     cov = np.zeros((n, _N_STATES, _N_STATES))
     cov[:, _SOC, _SOC] = p.soc0_std**2
     cov[:, _V1, _V1] = o.v_rc0_std_v**2
@@ -1128,6 +1139,11 @@ class _Bank:
         self.n_gap = np.zeros(n, dtype=np.int64)
         self.n_skip = np.zeros(n, dtype=np.int64)
         self.n_done = np.zeros(n, dtype=np.int64)
+        # Packs whose SoC prior is still to be centred on their first valid reading.
+        self.pending: B = np.isnan(params.packs.soc0[active]) & (state.n_samples[active] == state.n_skipped[active])
+        self.any_pending = bool(self.pending.any())
+        self.soc0_std: F64 = params.packs.soc0_std[active]
+        self.chemistries = params.chemistries
         # F = diag(d) + c e_off^T (only the offset column is off-diagonal), Q = diag(q), H row.
         self.dvec = np.ones((_N_STATES, n))
         self.cvec = np.zeros((_N_STATES, n))
@@ -1230,6 +1246,9 @@ class _Bank:
         i_ok = m & np.isfinite(i_k)
         t_now = np.where(m & np.isfinite(t_k), t_k, self.last_t)
         i_now = np.where(i_ok, i_k, self.last_i)
+        y = samples.voltage_v[k] * c.inv_series
+        if self.any_pending:
+            self._centre_prior(y, i_ok, i_now, t_now)
         soc, hy, cov, rs = self.soc, self.hy, self.cov, self.rs
         rows, frac = _lookup(self.table, c.row, soc)
         ocv = _col(rows, frac, _OCV)
@@ -1238,7 +1257,6 @@ class _Bank:
         tf_now = self.temp_factor(t_now)
         r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf_now  # per unit of the resistance scale
         i_true = i_now - self.off
-        y = samples.voltage_v[k] * c.inv_series
         drop = r0 * i_true + self.vrc1 + self.vrc2  # ohmic and RC drop per unit scale
         r_ser = c.r_series_cell_ohm
         innov = y - (ocv_mean + amp * hy - rs * drop - r_ser * i_true)
@@ -1290,6 +1308,47 @@ class _Bank:
         self.tf = tf_now
         self.n_skip += m & ~valid
         self.n_done += m
+
+    def _centre_prior(self, y: F64, i_ok: B, i_now: F64, t_now: F64) -> None:
+        """Centre the SoC prior of packs without one on their first valid reading, where it matters.
+
+        Where the reading pins the SoC (a sloped OCV), the filter finds it from any centre
+        within minutes, and the prior stays as it is (``soc0_std`` about 50 %). Where it cannot
+        (the LFP plateau, whose hysteresis state is unknown), the prior's centre decides where
+        the estimate settles among the (SoC, hysteresis) pairs that explain the voltage
+        equally well: from 50 %, a pack resting at 66 % settled at 60 %. There the prior is
+        centred on the reading: the cell voltage plus the ohmic drop at the prior resistance,
+        through the chemistry's table at zero hysteresis (the hysteresis prior's mean). Its
+        spread is what the reading leaves open (the OCV table's error and the hysteresis
+        prior; the RC voltages are a transient the next minutes resolve) over the OCV's mean
+        slope within 5 % of the centre, at most ``soc0_std``; it is centred when that spread
+        exceeds 5 %. Its correlations start at zero.
+        """
+        c = self.c
+        go = self.pending & i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
+        if not go.any():
+            return
+        rows, frac = _lookup(self.table, c.row, np.full(self.n, 0.5))
+        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * self.temp_factor(t_now) * self.rs
+        ocv = y + (r0 + c.r_series_cell_ohm) * (i_now - self.off)
+        centre = self.soc.copy()
+        for index in np.unique(c.row[go]):
+            pick = go & (c.row == index)
+            centre[pick] = self.chemistries[int(index) // GRID_POINTS].soc_from_ocv(ocv[pick])
+        lo, hi = np.clip(centre - _CENTRE_SPAN, 0.0, 1.0), np.clip(centre + _CENTRE_SPAN, 0.0, 1.0)
+        secant = (_col(*_lookup(self.table, c.row, hi), _OCV) - _col(*_lookup(self.table, c.row, lo), _OCV)) / (hi - lo)
+        amp = _col(*_lookup(self.table, c.row, centre), _HYST)
+        o = self.o
+        spread_v = np.sqrt(o.ocv_error_v**2 + (amp * o.hyst0_std) ** 2 + c.r_voltage_white)
+        move = go & (spread_v > _OPEN_SOC * secant)
+        self.soc = np.where(move, centre, self.soc)
+        keep = ~move
+        self.cov[_SOC] *= keep
+        self.cov[:, _SOC] *= keep
+        std0 = np.minimum(spread_v / np.maximum(secant, _TINY), self.soc0_std)
+        self.cov[_SOC, _SOC] += np.where(move, std0**2, 0.0)
+        self.pending &= ~go
+        self.any_pending = bool(self.pending.any())
 
     def _ocv_statistics(self, ocv: F64, soc: F64, var_soc: F64) -> tuple[F64, F64, F64]:
         """Return the OCV's mean, slope and linearisation variance over the SoC prior.
@@ -1695,7 +1754,7 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
         *,
         options: SocOptions = SocOptions(),
         soh_prior: Mapping[str, float] | None = None,
-        soc0: float = 0.5,
+        soc0: float | None = None,
         soc0_std: float = 0.3,
     ) -> Self:
         """Build the estimator for the packs of a pack_meta frame (see :meth:`PackInfo.from_meta`).
@@ -1704,7 +1763,8 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
             meta: one row per pack, the contract's pack_meta columns.
             options: noise model and data-quality rules.
             soh_prior: SoH priors by pack id (default: the meta's ``intake_soh``, else 1).
-            soc0: initial SoC prior of every pack.
+            soc0: initial SoC prior of every pack (None: each pack's first reading, see
+                :attr:`PackInfo.soc0`).
             soc0_std: its standard deviation.
 
         Returns:
