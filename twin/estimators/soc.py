@@ -414,7 +414,7 @@ class SocOptions:
         cell_offset0_std: prior standard deviation of the weakest/strongest cell's SoC offset.
         cell_offset_rw: random walk of those offsets per unit of SoC throughput (variance per
             step ``cell_offset_rw**2 * |dsoc|``). An offset moves mostly through its cell's
-            rate; a loose walk (0.02 until this session) took up the drift the rate should
+            rate; a loose walk (0.02 before) took up the drift the rate should
             explain, the rates stayed near zero and the usable-SoC swing came out 1-2 % short
             (30-day nevada-60: 0.01 takes the site energy MAPE from 2.0 % to 1.2 %).
         cell_rate0_std: prior standard deviation of the extreme cells' rate (how much faster
@@ -1220,8 +1220,7 @@ class _Bank:
         """
         cx = self.cx
         rate_min, rate_max, plausible = _extreme_rates(cx[_CR])
-        held = np.clip(self.soc + cx[_CD, 0], 0.0, 1.0) / (1.0 + rate_min)
-        room = (1.0 - np.clip(self.soc + cx[_CD, 1], 0.0, 1.0)) / (1.0 + rate_max)
+        held, room = _held_room(self.soc + cx[_CD, 0], self.soc + cx[_CD, 1], rate_min, rate_max)
         # Trackers that make no sense (cell voltages inconsistent with the pack's, say) leave
         # the count on the string's capacity.
         return np.where(plausible, np.clip(held + room, _MIN_USABLE_SHARE, 1.0), 1.0)
@@ -1538,6 +1537,16 @@ class SocEstimate:
         return pl.DataFrame({"pack": list(self.pack_ids), **data})
 
 
+def _held_room(soc_min_cell: F64, soc_max_cell: F64, rate_min: F64, rate_max: F64) -> tuple[F64, F64]:
+    """The weakest cell's charge and the strongest cell's room, in units of the mean cell's capacity.
+
+    Each extreme cell's capacity is the mean's over ``1 + its rate``; SoCs are clipped to [0, 1].
+    """
+    held = np.clip(soc_min_cell, 0.0, 1.0) / (1.0 + rate_min)
+    room = (1.0 - np.clip(soc_max_cell, 0.0, 1.0)) / (1.0 + rate_max)
+    return held, room
+
+
 def _extreme_rates(rate: F64) -> tuple[F64, F64, B]:
     """The weakest and strongest cells' rates as the usable share reads them, and whether they make sense.
 
@@ -1589,8 +1598,9 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     settled = state.cell_cov[:, :, _CR, _CR] < _SETTLED_RATE_STD**2
     rate_min = np.where(settled[:, 0], sided_min, raw[:, 0])
     rate_max = np.where(settled[:, 1], sided_max, raw[:, 1])
-    held = np.where(np.isnan(s_min), soc, s_min) / (1.0 + rate_min)
-    room = (1.0 - np.where(np.isnan(s_max), soc, s_max)) / (1.0 + rate_max)
+    held, room = _held_room(
+        np.where(np.isnan(s_min), soc, s_min), np.where(np.isnan(s_max), soc, s_max), rate_min, rate_max
+    )
     denom = held + room
     usable = np.where(denom > 0.0, held / np.where(denom > 0.0, denom, 1.0), soc)
     rows, frac = _lookup(params.table, params.row, soc_raw)
