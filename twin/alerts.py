@@ -435,9 +435,12 @@ class AlertSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class _StepRows:
-    """One grid step's rows: per-pack aggregates (with ``_i``), row and late counts, the meter."""
+    """One grid step's rows: per-pack aggregates (with ``_i``), row and late counts, the meter.
 
-    agg: pl.DataFrame
+    The aggregates are numpy arrays, each what ``to_numpy()`` of the step's column gives.
+    """
+
+    agg: Mapping[str, NDArray[Any]]
     rows: int
     late: int
     meter_w: float | None
@@ -448,11 +451,24 @@ class _Steps:
     """The aggregates of consecutive grid steps (:meth:`AlertEngine._steps`), sliced per step."""
 
     agg: pl.DataFrame  # sorted by _tick
+    columns: Mapping[str, NDArray[Any] | None]  # agg's columns as numpy (None: read per step, see numpy_columns)
     agg_ticks: NDArray[np.int64]
     ticks: NDArray[np.int64]  # the steps with rows, ascending
     rows: NDArray[np.int64]
     late: NDArray[np.int64]
     meter: dict[int, float | None]
+
+    @staticmethod
+    def numpy_columns(agg: pl.DataFrame) -> dict[str, NDArray[Any] | None]:
+        """The columns as numpy once, where a slice of them is what the step's own ``to_numpy()`` gives.
+
+        A float column's nulls are NaN either way; an integer or boolean column with nulls
+        converts differently with and without them, so it is read per step.
+        """
+        return {
+            name: None if s.dtype != pl.Float64 and s.null_count() else s.to_numpy()
+            for name, s in zip(agg.columns, agg.get_columns(), strict=True)
+        }
 
     def rows_at(self, tick: int) -> int:
         """Rows of the step at ``tick``."""
@@ -461,11 +477,15 @@ class _Steps:
 
     def at(self, tick: int) -> _StepRows:
         """The step at ``tick`` (empty without rows)."""
-        a, b = np.searchsorted(self.agg_ticks, [tick, tick + 1])
+        a, b = (int(x) for x in np.searchsorted(self.agg_ticks, [tick, tick + 1]))
         k = int(np.searchsorted(self.ticks, tick))
         has = k < self.ticks.size and self.ticks[k] == tick
+        columns = {
+            name: self.agg.get_column(name).slice(a, b - a).to_numpy() if whole is None else whole[a:b]
+            for name, whole in self.columns.items()
+        }
         return _StepRows(
-            agg=self.agg.slice(int(a), int(b - a)),
+            agg=columns,
             rows=int(self.rows[k]) if has else 0,
             late=int(self.late[k]) if has else 0,
             meter_w=self.meter.get(tick),
@@ -560,6 +580,7 @@ class AlertEngine:
             None
         )
         self.counters: dict[str, int] = {"raised": 0, "cleared": 0, "late_rows": 0, "ticks": 0}
+        self._pack_durations = self._durations(PACK_KINDS)
 
     # ------------------------------------------------------------------ inputs
 
@@ -721,13 +742,11 @@ class AlertEngine:
         self._pending = self._pending.filter(pl.col("ts_ms") > last)
         site = self._pending_site.filter(pl.col("ts_ms") <= last).with_columns(step_of.alias("_tick"))
         self._pending_site = self._pending_site.filter(pl.col("ts_ms") > last)
-        # One sorted integer key per (step, pack): polars then sums each group as one slice, the
-        # same bits as a step's rows alone (two keys would gather, and round differently).
+        # One integer key per (step, pack); each group is summed in row order, as a step's rows alone.
         width = self._lookup.height + 1
-        keyed = due.join(self._lookup, on="pack", how="inner").with_columns(
-            ((pl.col("_tick") - first) // t_ms * width + pl.col("_i")).alias("_key")
-        )
-        agg = _aggregate(keyed, by="_key").sort("_key")
+        keyed = due.join(self._lookup, on="pack", how="inner", maintain_order="left")
+        key = (keyed.get_column("_tick").to_numpy() - first) // t_ms * width + keyed.get_column("_i").to_numpy()
+        agg = _aggregate(keyed, key)
         tick_of = due["_tick"].to_numpy()
         ticks, where, rows = np.unique(tick_of, return_inverse=True, return_counts=True)
         late = np.bincount(where, weights=due["ts_ms"].to_numpy() <= tick_of - t_ms, minlength=ticks.size)
@@ -741,6 +760,7 @@ class AlertEngine:
             meter = {int(t): (None if m is None else float(m)) for t, m in means.iter_rows()}  # per step
         return _Steps(
             agg=agg,
+            columns=_Steps.numpy_columns(agg),
             agg_ticks=agg["_tick"].to_numpy(),
             ticks=ticks.astype(np.int64),
             rows=rows.astype(np.int64),
@@ -759,45 +779,45 @@ class AlertEngine:
         agg = step.agg
         if step.rows:
             self.counters["late_rows"] += step.late
-            i = agg["_i"].to_numpy()
-            ts = agg["ts"].to_numpy()
+            i = agg["_i"]
+            ts = agg["ts"]
             last_before = s.last_ts[i].copy()
             newer = ts > s.last_ts[i]
             # Sequence gaps: within the step, and since the pack's last row (a reset counts none).
-            seq_min, seq_max = agg["seq_min"].to_numpy(), agg["seq_max"].to_numpy()
-            count = agg["n"].to_numpy()
+            seq_min, seq_max = agg["seq_min"], agg["seq_max"]
+            count = agg["n"]
             prev = s.seq_last[i]
             gap = np.where((prev >= 0) & (seq_min > prev), seq_min - prev - 1, 0)
             within = np.maximum(seq_max - seq_min + 1 - count, 0)
             lost = (gap + within).astype(np.float64)
             a_loss = float(_ewma_alpha(self._tick_ms / 1000.0, self.options.loss_tau_s))
             s.loss[i] += a_loss * (lost / (lost + count) - s.loss[i])
-            s.seq_last[i] = np.where(newer, agg["seq_last"].to_numpy(), s.seq_last[i])
+            s.seq_last[i] = np.where(newer, agg["seq_last"], s.seq_last[i])
             # Last readings, from rows newer than what the pack had.
             j = i[newer]
             for k, name in enumerate(_LAST):
-                s.values[j, k] = agg[name].to_numpy()[newer]
-            s.cell_min_idx[j] = agg["cell_v_min_idx"].to_numpy()[newer]
-            s.cell_max_idx[j] = agg["cell_v_max_idx"].to_numpy()[newer]
-            s.contactor[j] = agg["contactor_closed"].to_numpy()[newer]
-            s.first_ts[i] = np.where(s.first_ts[i] > 0, s.first_ts[i], agg["ts_first"].to_numpy())
+                s.values[j, k] = agg[name][newer]
+            s.cell_min_idx[j] = agg["cell_v_min_idx"][newer]
+            s.cell_max_idx[j] = agg["cell_v_max_idx"][newer]
+            s.contactor[j] = agg["contactor_closed"][newer]
+            s.first_ts[i] = np.where(s.first_ts[i] > 0, s.first_ts[i], agg["ts_first"])
             s.last_ts[j] = ts[newer]
             # When each watched reading last changed (the first row is compared with the state).
-            first_ts = agg["ts_first"].to_numpy()
+            first_ts = agg["ts_first"]
             # Time without data is not time stuck: after a gap, every reading counts as new.
             resumed = (first_ts - last_before) > round(self.options.stale_after_s * 1000)
             for k, name in enumerate(_STUCK):
-                first = agg[f"{name}__first"].to_numpy()
-                changed_in = agg[f"{name}__chg"].to_numpy()
+                first = agg[f"{name}__first"]
+                changed_in = agg[f"{name}__chg"]
                 before = s.stuck_value[i, k]
                 moved = ~(first == before) | resumed
                 since = np.where(moved, first_ts, s.stuck_since[i, k])
                 since = np.where(np.isfinite(changed_in), changed_in, since).astype(np.int64)
                 s.stuck_since[i, k] = np.maximum(s.stuck_since[i, k], since)
-                s.stuck_value[j, k] = agg[f"{name}__last"].to_numpy()[newer]
-            s.ring[i, slot] = agg["temp_max_mean"].to_numpy()
-            temp_avg[i] = agg["temp_avg_mean"].to_numpy()
-            power[i] = agg["power_mean"].to_numpy()
+                s.stuck_value[j, k] = agg[f"{name}__last"][newer]
+            s.ring[i, slot] = agg["temp_max_mean"]
+            temp_avg[i] = agg["temp_avg_mean"]
+            power[i] = agg["power_mean"]
             s.power_w[i] = power[i]
         meter = step.meter_w if step.meter_w is not None and math.isfinite(step.meter_w) else None
         return _Tick(temp_avg=temp_avg, power=power, meter_w=meter)
@@ -876,6 +896,7 @@ class AlertEngine:
 
         offline = (~status) | (seen & ~fresh)
         contactor_open = ~s.contactor
+        lost_share = self._lost_share(k)
 
         def cond(
             value: F64, raise_: B, clear: B, valid: B, threshold: F64 | float, cell: I64 | None = None
@@ -930,8 +951,8 @@ class AlertEngine:
                     k.imbalance_v,
                     outlier,
                 ),
-                cond(self._lost_share(k), offline, ~offline, seen | ~status, np.nan),
-                cond(self._lost_share(k), contactor_open, ~contactor_open, fresh, np.nan),
+                cond(lost_share, offline, ~offline, seen | ~status, np.nan),
+                cond(lost_share, contactor_open, ~contactor_open, fresh, np.nan),
                 cond(
                     s.loss,
                     s.loss > o.telemetry_loss_fraction,
@@ -967,7 +988,7 @@ class AlertEngine:
         valid = np.column_stack([x[3] for x in conds])
         threshold = np.column_stack([x[4] for x in conds])
         cells = np.column_stack([x[5] for x in conds])
-        fired = _machine(s.active, s.pending, raise_c, clear_c, valid, tick, self._durations(PACK_KINDS))
+        fired = _machine(s.active, s.pending, raise_c, clear_c, valid, tick, self._pack_durations)
         out = [
             self._transition(tick, int(p), int(q), float(value[p, q]), float(threshold[p, q]), int(cells[p, q]), extra)
             for p, q in zip(*np.nonzero(fired), strict=True)
@@ -1301,36 +1322,158 @@ _STATUS_SCHEMA: Final = {"pack": pl.String, "state": pl.String, "ts_ms": pl.Int6
 _CELL_KINDS: Final = frozenset({"cell_overvoltage", "cell_undervoltage", "cell_imbalance"})
 
 
-def _aggregate(rows: pl.DataFrame, *, by: str) -> pl.DataFrame:
-    """Per (step, pack) key ``by``: count, sequence span, last readings, means, last change of each reading."""
-    changed = [
-        pl.col("ts_ms").filter(pl.col(name) != pl.col(name).shift(1)).max().cast(pl.Float64).alias(f"{name}__chg")
-        for name in _STUCK
-    ]
-    return (
-        rows.sort(by, "ts_ms")
-        .group_by(by, maintain_order=True)
-        .agg(
-            pl.col("_tick").first(),
-            pl.col("_i").first(),
-            pl.len().cast(pl.Int64).alias("n"),
-            pl.col("ts_ms").first().alias("ts_first"),
-            pl.col("ts_ms").last().alias("ts"),
-            pl.col("seq").min().alias("seq_min"),
-            pl.col("seq").max().alias("seq_max"),
-            pl.col("seq").last().alias("seq_last"),
-            *[pl.col(name).last() for name in _LAST],
-            pl.col("cell_v_min_idx").last(),
-            pl.col("cell_v_max_idx").last(),
-            pl.col("contactor_closed").last(),
-            (pl.col("voltage_v") * pl.col("current_a")).mean().alias("power_mean"),
-            pl.col("temp_max_c").mean().alias("temp_max_mean"),
-            pl.col("temp_avg_c").mean().alias("temp_avg_mean"),
-            *[pl.col(name).first().alias(f"{name}__first") for name in _STUCK],
-            *[pl.col(name).last().alias(f"{name}__last") for name in _STUCK],
-            *changed,
-        )
-    )
+#: Output columns of :func:`_aggregate`, in order, with their types.
+_AGG_SCHEMA: Final = {
+    "_key": pl.Int64,
+    "_tick": pl.Int64,
+    "_i": pl.Int64,
+    "n": pl.Int64,
+    "ts_first": pl.Int64,
+    "ts": pl.Int64,
+    "seq_min": pl.Int64,
+    "seq_max": pl.Int64,
+    "seq_last": pl.Int64,
+    **dict.fromkeys(_LAST, pl.Float64),
+    "cell_v_min_idx": pl.Int64,
+    "cell_v_max_idx": pl.Int64,
+    "contactor_closed": pl.Boolean,
+    "power_mean": pl.Float64,
+    "temp_max_mean": pl.Float64,
+    "temp_avg_mean": pl.Float64,
+    **{f"{name}__first": pl.Float64 for name in _STUCK},
+    **{f"{name}__last": pl.Float64 for name in _STUCK},
+    **{f"{name}__chg": pl.Float64 for name in _STUCK},
+}
+#: Groups at least this long are summed by polars itself (pairwise in blocks of 128, not in row order).
+_PAIRWISE_MIN: Final = 128
+_NullMask = B | None
+
+
+def _values(frame: pl.DataFrame, name: str) -> tuple[NDArray[Any], _NullMask]:
+    """A column's values (nulls filled) and where it is null (None without nulls)."""
+    s = frame.get_column(name)
+    if s.null_count() == 0:
+        return s.to_numpy(), None
+    filled = s.fill_null(value=False) if s.dtype == pl.Boolean else s.fill_null(0)
+    return filled.to_numpy(), s.is_null().to_numpy()
+
+
+def _group_mean(x: F64, null: _NullMask, starts: I64, counts: I64) -> tuple[F64, B]:
+    """Each group's mean as polars' group-by gives it, and where it is null (no value in the group).
+
+    Polars adds a group of fewer than 128 rows in row order from 0.0, skipping nulls (a NaN
+    propagates), and divides by the number of values; a group of one row is its value. The
+    sum runs over the position in the group, for every group at once; the rare longer groups
+    are left to polars (it sums them pairwise).
+    """
+    valid = np.ones(x.size, dtype=np.bool_) if null is None else ~null
+    v = x if null is None else np.where(valid, x, 0.0)
+    total = np.zeros(starts.size)
+    short = counts < _PAIRWISE_MIN
+    for j in range(int(counts[short].max(initial=0))):  # over the position in a group: about 10 rows
+        at = short & (counts > j)
+        total[at] += v[starts[at] + j]
+    n_valid = np.add.reduceat(valid, starts) if starts.size else np.zeros(0, np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean: F64 = total / n_valid
+    one = counts == 1
+    mean[one] = x[starts[one]]
+    for g in np.flatnonzero(~short).tolist():  # groups of 128 rows and more: rare
+        a, b = int(starts[g]), int(starts[g] + counts[g])
+        part = pl.Series(x[a:b])
+        if null is not None:
+            part = part.scatter(np.flatnonzero(null[a:b]), None)
+        m = part.mean()
+        mean[g] = math.nan if m is None else float(m)  # type: ignore[arg-type]
+    return mean, n_valid == 0
+
+
+def _aggregate(rows: pl.DataFrame, key: I64) -> pl.DataFrame:
+    """Per (step, pack) ``key``: count, sequence span, last readings, means, last change of each reading.
+
+    The rows are sorted by key and time, stably (rows of one pack at the same time keep their
+    arrival order), and each group is read at its boundaries with numpy. The result is what
+    ``rows.sort(key, "ts_ms", maintain_order=True).group_by(key, maintain_order=True).agg(...)``
+    gives (``tests/test_speed_equivalence.py`` holds that polars reference), with polars'
+    rules: ``last`` is the last row's value even if null; means skip nulls (a NaN
+    propagates) and add in row order; min and max skip nulls; a reading changed where it
+    differs from the row before in its group, both not null (NaN equals NaN).
+
+    Args:
+        rows: the rows (``_ROW_SCHEMA`` with ``_tick`` and ``_i``), ``ts_ms`` not null.
+        key: the group of each row (non-negative).
+
+    Returns:
+        One row per key, ascending, with the columns of ``_AGG_SCHEMA``.
+    """
+    if rows.height == 0:
+        return pl.DataFrame(schema=_AGG_SCHEMA)
+    ts_raw = rows.get_column("ts_ms").to_numpy()
+    lo, span, width = int(ts_raw.min()), int(ts_raw.max()) - int(ts_raw.min()) + 1, int(key.max()) + 1
+    if width < (1 << 62) // span:  # one integer: a stable sort of it is a stable sort by (key, ts_ms)
+        order = np.argsort(key * span + (ts_raw - lo), kind="stable")
+    else:
+        order = np.lexsort((ts_raw, key))
+    k = key[order]
+    ts = ts_raw[order]
+    bounds = np.flatnonzero(k[1:] != k[:-1]) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    ends = np.concatenate([bounds, [k.size]]).astype(np.int64) - 1
+    counts = ends - starts + 1
+    same = k[1:] == k[:-1]
+    out: dict[str, tuple[NDArray[Any], _NullMask]] = {
+        "_key": (k[starts], None),
+        "_tick": (rows.get_column("_tick").to_numpy()[order][starts], None),
+        "_i": (rows.get_column("_i").to_numpy()[order][starts], None),
+        "n": (counts, None),
+        "ts_first": (ts[starts], None),
+        "ts": (ts[ends], None),
+    }
+    sorted_cols: dict[str, tuple[NDArray[Any], _NullMask]] = {}
+    for name in ("seq", *_LAST, "cell_v_min_idx", "cell_v_max_idx", "contactor_closed"):
+        values, null = _values(rows, name)
+        sorted_cols[name] = (values[order], None if null is None else null[order])
+    seq, seq_null = sorted_cols["seq"]
+    if seq_null is None:
+        out["seq_min"] = (np.minimum.reduceat(seq, starts), None)
+        out["seq_max"] = (np.maximum.reduceat(seq, starts), None)
+    else:
+        none = np.add.reduceat(~seq_null, starts) == 0
+        big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+        out["seq_min"] = (np.minimum.reduceat(np.where(seq_null, big, seq), starts), none)
+        out["seq_max"] = (np.maximum.reduceat(np.where(seq_null, small, seq), starts), none)
+    for name in ("seq", *_LAST, "cell_v_min_idx", "cell_v_max_idx", "contactor_closed"):
+        values, null = sorted_cols[name]
+        out["seq_last" if name == "seq" else name] = (values[ends], None if null is None else null[ends])
+    v, v_null = sorted_cols["voltage_v"]
+    i, i_null = sorted_cols["current_a"]
+    p_null = v_null if i_null is None else (i_null if v_null is None else v_null | i_null)
+    out["power_mean"] = _group_mean(v * i, p_null, starts, counts)
+    out["temp_max_mean"] = _group_mean(*sorted_cols["temp_max_c"], starts, counts)
+    out["temp_avg_mean"] = _group_mean(*sorted_cols["temp_avg_c"], starts, counts)
+    for name in _STUCK:
+        values, null = sorted_cols[name]
+        out[f"{name}__first"] = (values[starts], None if null is None else null[starts])
+    for name in _STUCK:
+        values, null = sorted_cols[name]
+        out[f"{name}__last"] = (values[ends], None if null is None else null[ends])
+    no_change = np.iinfo(np.int64).min
+    for name in _STUCK:
+        values, null = sorted_cols[name]
+        moved = (values[1:] != values[:-1]) & ~(np.isnan(values[1:]) & np.isnan(values[:-1])) & same
+        if null is not None:
+            moved &= ~(null[1:] | null[:-1])
+        changed_ts = np.where(np.concatenate([[False], moved]), ts, no_change)
+        last_change = np.maximum.reduceat(changed_ts, starts)
+        out[f"{name}__chg"] = (last_change.astype(np.float64), last_change == no_change)
+    columns = []
+    for name, dtype in _AGG_SCHEMA.items():
+        values, null = out[name]
+        series = pl.Series(name, values, dtype=dtype)
+        if null is not None and bool(null.any()):
+            series = series.scatter(np.flatnonzero(null), None)
+        columns.append(series)
+    return pl.DataFrame(columns)
 
 
 def _imbalance(values: F64, series: F64) -> tuple[F64, B]:
