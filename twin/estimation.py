@@ -278,17 +278,22 @@ class SiteEstimation:
         self.resistance.update(rows, soc=self._checkpoint_soc)
         # Coulomb count: per pack, in time order, the previous sample's current over each
         # interval (as the filter holds it); rows not newer than the pack's last are skipped.
+        # Of rows of one pack at the same time, the first counts (a stable sort keeps their
+        # order); a row without a time is never newer.
         index = pl.DataFrame({"pack": self.meta.get_column("pack"), "_p": np.arange(self.meta.height)})
-        frame = (
-            rows.select("pack", "ts_ms", "current_a", "temp_avg_c")
-            .join(index, on="pack", how="inner")
-            .sort("_p", "ts_ms")
-            .unique(subset=["_p", "ts_ms"], keep="first", maintain_order=True)
+        frame = rows.select("pack", "ts_ms", "current_a", "temp_avg_c").join(
+            index, on="pack", how="inner", maintain_order="left"
         )
-        p = frame.get_column("_p").to_numpy()
-        t = frame.get_column("ts_ms").to_numpy()
-        i = frame.get_column("current_a").to_numpy().astype(np.float64)
-        temp = frame.get_column("temp_avg_c").to_numpy().astype(np.float64)
+        if frame.get_column("ts_ms").null_count():
+            frame = frame.filter(pl.col("ts_ms").is_not_null())
+        order = _pack_time_order(frame.get_column("_p").to_numpy(), frame.get_column("ts_ms").to_numpy())
+        p = frame.get_column("_p").to_numpy()[order]
+        t = frame.get_column("ts_ms").to_numpy()[order]
+        once = np.ones(p.size, dtype=np.bool_)
+        once[1:] = (p[1:] != p[:-1]) | (t[1:] != t[:-1])
+        order, p, t = order[once], p[once], t[once]
+        i = frame.get_column("current_a").to_numpy().astype(np.float64)[order]
+        temp = frame.get_column("temp_avg_c").to_numpy().astype(np.float64)[order]
         newer = t > self._last_ts[p]
         p, t, i, temp = p[newer], t[newer], i[newer], temp[newer]
         if p.size == 0:
@@ -525,6 +530,17 @@ def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> tuple[dict[s
     """
     at_ms = int(meta.get_column("ts_ms").max()) if meta.height else 0  # type: ignore[arg-type]
     return prior_soh(meta, at_ms, options.health)
+
+
+def _pack_time_order(pack: NDArray[np.int64], ts_ms: NDArray[np.int64]) -> NDArray[np.intp]:
+    """The rows' order by pack, then time; rows equal in both keep their order (a stable sort)."""
+    if pack.size == 0:
+        return np.zeros(0, dtype=np.intp)
+    low = int(ts_ms.min())
+    span = int(ts_ms.max()) - low + 1
+    if int(pack.max()) + 1 < (1 << 62) // span:  # one integer key sorts both at once
+        return np.argsort(pack * span + (ts_ms - low), kind="stable")
+    return np.lexsort((ts_ms, pack))
 
 
 def _carry_over(old: SocState, fresh: SocState) -> SocState:
