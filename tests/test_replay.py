@@ -173,10 +173,33 @@ def test_evaluate_json_has_every_key_and_writes_plots(replayed: Path) -> None:
     assert set(scores["soc_rmse_by_chemistry"]) == set(pl.read_parquet(replayed / "packs.parquet")["chemistry"])
     assert scores["energy_points"] > 0
     assert scores["ridethrough_points"] > 0
+    assert scores["soc_z_rms"] > 0.0
+    assert set(scores["soc_z_rms_by_chemistry"]) == set(scores["soc_rmse_by_chemistry"])
+    assert scores["energy_band_halfwidth"] > 0.0
+    assert scores["energy_error_median"] >= 0.0
     for plot in scores["plots"]:
         data = Path(plot).read_bytes()
         assert data.startswith(b"\x89PNG"), plot
         assert len(data) > 10_000
+
+
+def test_site_scores_give_the_band_half_width_beside_the_error() -> None:
+    from twin.evaluate import _site_scores
+
+    site = pl.DataFrame(
+        {
+            "est": [101.0, 98.0, 100.0, 90.0],
+            "true": [100.0, 100.0, 100.0, 100.0],
+            "p5": [96.0, 93.0, 95.0, 85.0],
+            "p95": [106.0, 103.0, 105.0, 95.0],
+        }
+    )
+    scores = _site_scores(site, "est", "true", "p5", "p95")
+    assert scores["n"] == 4
+    assert scores["mape"] == pytest.approx((1 + 2 + 0 + 10) / 4 / 100)
+    assert scores["coverage"] == pytest.approx(0.75)  # the last band misses the truth
+    assert scores["halfwidth"] == pytest.approx(0.05)
+    assert scores["error"] == pytest.approx(0.015)
 
 
 def test_evaluate_prints_a_table(replayed: Path) -> None:

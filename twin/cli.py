@@ -823,9 +823,17 @@ def evaluate(
         )
         delay = scores.get("alert_delay_s_median")
         table.add_row("alert delay, median", "-" if delay is None else f"{float(delay):.0f} s", "")
+    if scores.get("soc_z_rms") is not None:
+        by_z = ", ".join(f"{c} {v:.2f}" for c, v in (scores["soc_z_rms_by_chemistry"] or {}).items())
+        table.add_row("SoC error / its std, RMS", f"{scores['soc_z_rms']:.2f} ({by_z})", "")
     for name in ("energy", "runtime", "ridethrough"):
         table.add_row(f"site {name} MAPE", pct(scores[f"{name}_mape"]), "")
         table.add_row(f"site {name} P5-P95 coverage", pct(scores[f"{name}_band_coverage"]), "")
+        table.add_row(
+            "  band half-width / error",
+            f"{pct(scores[f'{name}_band_halfwidth'])} / {pct(scores[f'{name}_error_median'])}",
+            "",
+        )
     console.print(table)
     console.print(
         f"{scores['packs_scored']} packs, {scores['pack_rows_scored']:,} pack rows, "

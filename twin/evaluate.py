@@ -42,13 +42,21 @@ KEYS: Final = (
     "soc_rmse_by_chemistry",
     "soc_rmse_bms_by_chemistry",
     "soc_mean_std",
+    "soc_z_rms",
+    "soc_z_rms_by_chemistry",
     "pack_energy_mape",
     "energy_mape",
     "energy_band_coverage",
+    "energy_band_halfwidth",
+    "energy_error_median",
     "runtime_mape",
     "runtime_band_coverage",
+    "runtime_band_halfwidth",
+    "runtime_error_median",
     "ridethrough_mape",
     "ridethrough_band_coverage",
+    "ridethrough_band_halfwidth",
+    "ridethrough_error_median",
     "soh_mae",
     "soh_mae_bms",
     "capacity_mape",
@@ -158,15 +166,20 @@ def _ape(est: str, true: str) -> pl.Expr:
     return (pl.col(est) - pl.col(true)).abs() / pl.col(true)
 
 
-def _site_scores(site: pl.DataFrame, est: str, true: str, p5: str, p95: str) -> tuple[float | None, float | None, int]:
+def _site_scores(site: pl.DataFrame, est: str, true: str, p5: str, p95: str) -> dict[str, Any]:
+    """MAPE, P5-P95 coverage, the band's median half-width and the median error (both relative to the truth)."""
     valid = site.filter(
         pl.col(true).is_finite() & (pl.col(true) > 0) & pl.col(est).is_not_null() & pl.col(est).is_finite()
     )
     if valid.height == 0:
-        return None, None, 0
-    mape = float(valid.select(_ape(est, true).mean()).item())
-    inside = valid.select(((pl.col(true) >= pl.col(p5)) & (pl.col(true) <= pl.col(p95))).mean()).item()
-    return mape, float(inside), valid.height
+        return {"mape": None, "coverage": None, "halfwidth": None, "error": None, "n": 0}
+    row = valid.select(
+        mape=_ape(est, true).mean(),
+        coverage=((pl.col(true) >= pl.col(p5)) & (pl.col(true) <= pl.col(p95))).mean(),
+        halfwidth=((pl.col(p95) - pl.col(p5)) / (2.0 * pl.col(true))).filter(pl.col(p95).is_finite()).median(),
+        error=_ape(est, true).median(),
+    ).row(0, named=True)
+    return {**{k: None if v is None else float(v) for k, v in row.items()}, "n": valid.height}
 
 
 def evaluate_run(
@@ -208,6 +221,17 @@ def evaluate_run(
         out["soc_rmse_bms_by_chemistry"] = {r["chemistry"]: r["bms"] for r in by.iter_rows(named=True)}
         life = packs.group_by("life").agg(est=_rmse("soc", "soc_true"), bms=_rmse("soc_bms", "soc_true")).sort("life")
         out["soc_rmse_by_life"] = {str(r["life"]): r["est"] for r in life.iter_rows(named=True)}
+        # The stated uncertainty's calibration: RMS of error over soc_std (1 when honest,
+        # below 1 when the std is wider than the errors).
+        z = (
+            packs.filter(pl.col("soc_std") > 0)
+            .with_columns(z=(pl.col("soc") - pl.col("soc_true")) / pl.col("soc_std"))
+            .filter(pl.col("z").is_finite())
+        )
+        if z.height:
+            out["soc_z_rms"] = z.select((pl.col("z") ** 2).mean().sqrt()).item()
+            by_z = z.group_by("chemistry").agg(z=(pl.col("z") ** 2).mean().sqrt()).sort("chemistry")
+            out["soc_z_rms_by_chemistry"] = {r["chemistry"]: r["z"] for r in by_z.iter_rows(named=True)}
         if "soh" in packs.columns:
             health = packs.select(
                 soh=(pl.col("soh") - pl.col("soh_true")).abs().mean(),
@@ -230,10 +254,12 @@ def evaluate_run(
         ("runtime", "runtime_s_p50", "runtime_s", "runtime_s_p5", "runtime_s_p95"),
         ("ridethrough", "ridethrough_s_p50", "ridethrough_s", "ridethrough_s_p5", "ridethrough_s_p95"),
     ):
-        mape, coverage, n = _site_scores(site, est, true, p5, p95)
-        out[f"{name}_mape"] = mape
-        out[f"{name}_band_coverage"] = coverage
-        out[f"{name}_points"] = n
+        scores = _site_scores(site, est, true, p5, p95)
+        out[f"{name}_mape"] = scores["mape"]
+        out[f"{name}_band_coverage"] = scores["coverage"]
+        out[f"{name}_band_halfwidth"] = scores["halfwidth"]
+        out[f"{name}_error_median"] = scores["error"]
+        out[f"{name}_points"] = scores["n"]
     out["pack_rows_scored"] = packs.height
     out["packs_scored"] = packs["pack"].n_unique() if packs.height else 0
     out["site_rows_scored"] = site.height
