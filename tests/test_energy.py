@@ -407,8 +407,11 @@ def test_outlook_energy_band_matches_a_monte_carlo_draw() -> None:
     found = outlook(packs, soc, std, battery_w=None, load_w=None, options=options)
     draws = 20_000
     kappa, rho = options.soc_error_correlation, options.capacity_error_correlation
-    # Each pack's error: its own part and its loading on an error common to all packs.
-    soc_common, cap_common = rng.standard_normal((draws, 1)), rng.standard_normal((draws, 1))
+    # Each pack's error: its own part and its loading on an error common to its chemistry's packs.
+    chem = np.unique(np.array(packs.chemistry), return_inverse=True)[1]
+    n_chem = int(chem.max()) + 1
+    soc_common = rng.standard_normal((draws, n_chem))[:, chem]
+    cap_common = rng.standard_normal((draws, n_chem))[:, chem]
     soc_d = soc + std * (np.sqrt(1.0 - kappa**2) * rng.standard_normal((draws, n)) + kappa * soc_common)
     rel = packs.capacity_rel_std
     cap_d = 1.0 + rel * (np.sqrt(1.0 - rho**2) * rng.standard_normal((draws, n)) + rho * cap_common)

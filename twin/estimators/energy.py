@@ -48,19 +48,23 @@ How :func:`site_outlook` finds the bands, cheaply and deterministically (no samp
 available pack's energy ``E_i`` at its SoC estimate is the median; its sensitivities are
 ``g_i = dE_i/dsoc`` (exact, from the OCV and the resistance at its SoC) and
 ``dE_i/dQ = E_i / Q``. The SoC error has an independent part ``soc_std_i`` per pack and a
-part ``kappa soc_std_i`` common to every pack (``kappa = soc_error_correlation``: a model
-bias errs the same way for packs under the same conditions, so the site's error does not
-average out over many packs); the capacity has a relative
-error ``r_i = capacity_rel_std`` loading by ``rho = capacity_error_correlation`` on an error
-common to all packs (a stale capacity prior errs the same way for every pack: they all aged
-since their intake test), so with ``b_i = g_i soc_std_i`` and ``a_i = E_i r_i``::
+part ``kappa soc_std_i`` common to every pack of its chemistry (``kappa =
+soc_error_correlation``: an error of the chemistry's OCV table or model errs the same way
+for all its packs, so the site's error does not average out over many packs); the capacity
+has a relative error ``r_i = capacity_rel_std`` loading by ``rho =
+capacity_error_correlation`` on an error common to the packs of its chemistry (a biased
+aging law errs the same way for all of them: they all aged since their intake test). The
+common errors of different chemistries are independent: their tables and laws are (on the
+emulated sites the errors of different chemistries have opposite signs as often as not).
+With ``b_i = g_i soc_std_i``, ``a_i = E_i r_i`` and ``c`` the chemistries::
 
-    var_site = (1 - kappa²) sum_i b_i² + (kappa sum_i b_i)² + (1 - rho²) sum_i a_i² + (rho sum_i a_i)²
+    var_site = (1 - kappa²) sum_i b_i² + sum_c (kappa sum_{i in c} b_i)²
+             + (1 - rho²) sum_i a_i² + sum_c (rho sum_{i in c} a_i)²
     E_P5, E_P95 = E -+ z sqrt(var_site)                           (clipped at 0)
 
 Three scenarios of the packs' SoC (P5, P50, P95) carry these quantiles into the forward
-simulation: pack ``i`` is shifted by ``-+ z sigma_site v_i / var_site / g_i`` with
-``v_i = (1 - kappa²) b_i² + (1 - rho²) a_i² + kappa b_i sum_j kappa b_j + rho a_i sum_j rho a_j``
+simulation: pack ``i`` of chemistry ``c`` is shifted by ``-+ z sigma_site v_i / var_site / g_i`` with
+``v_i = (1 - kappa²) b_i² + (1 - rho²) a_i² + kappa b_i sum_{j in c} kappa b_j + rho a_i sum_{j in c} rho a_j``
 its share of the variance (the
 conditional mean of its error given the site's), so each scenario's site energy moves by
 ``z sigma_site`` to first order; SoC is clipped to [0, 1]. Runtime and ride-through are one
@@ -482,10 +486,10 @@ class OutlookOptions:
     Attributes:
         floor_soc: reserve floor on each pack's usable SoC, fraction.
         quantile_z: the normal quantile of the bands (1.645: P5 and P95).
-        soc_error_correlation: loading of each pack's SoC error on an error common to all
-            packs (model bias shared by packs under the same conditions): the common part of
+        soc_error_correlation: loading of each pack's SoC error on an error common to the
+            packs of its chemistry (the OCV table's and the model's bias): the common part of
             pack ``i``'s error has standard deviation ``soc_error_correlation * soc_std_i``.
-        capacity_error_correlation: the same for the capacity errors.
+        capacity_error_correlation: the same for the capacity errors (the aging law's bias).
         horizon_s: give up (report ``inf``) beyond this, s.
         target_steps: forward-simulation steps aimed at to reach the floor.
         min_dt_s: the smallest simulation step, s.
@@ -886,7 +890,11 @@ def site_outlook(
     a = e0 * packs.capacity_rel_std
     b = np.where(use, g * std, 0.0)
     var_indep = (1.0 - kappa * kappa) * b * b + (1.0 - rho * rho) * a * a
-    share = var_indep + kappa * b * kappa * float(b.sum()) + rho * a * rho * float(a.sum())
+    # The common errors, one per chemistry: each pack's covariance with its chemistry's sum.
+    chem = packs._row // GRID_POINTS
+    b_common = np.bincount(chem, weights=kappa * b, minlength=len(packs._tables.chemistries))[chem]
+    a_common = np.bincount(chem, weights=rho * a, minlength=len(packs._tables.chemistries))[chem]
+    share = var_indep + kappa * b * b_common + rho * a * a_common
     var = float(share.sum())
     sigma = math.sqrt(var)
     total = float(e0.sum())
