@@ -427,6 +427,28 @@ def test_outlook_energy_band_matches_a_monte_carlo_draw() -> None:
     assert np.allclose(found.pack_energy_kwh_p95, hi, rtol=0.05)
 
 
+def test_scenarios_of_several_powers_side_by_side_give_each_its_own_result() -> None:
+    """Rows are simulated independently: stacked with rows of another power, each is bit for bit as alone."""
+    packs = fleet(4)
+    n = packs.n_packs
+    rng = np.random.default_rng(5)
+    soc = np.clip(rng.uniform(0.3, 0.9, n)[None, :] + np.array([[-0.03], [0.0], [0.03]]), 0.0, 1.0)
+    power = float(zero_current_wh(packs, soc[1], np.full(n, 25.0)).sum()) / 6.0  # about 6 h
+    kw = {"temp_c": np.full(n, 25.0), "available": np.ones(n, dtype=bool), "floor_soc": 0.1}
+    # 3x the power makes the packs' current limits bind: that row takes the water-filling path.
+    alone = [time_to_floor_s(packs, w, soc, **kw) for w in (power, 3.0 * power)]
+    stacked = time_to_floor_s(packs, np.repeat([power, 3.0 * power], 3), np.concatenate([soc, soc]), **kw)
+    np.testing.assert_array_equal(stacked, np.concatenate(alone))
+    assert np.all(np.diff(alone[0]) > 0.0)
+    assert np.all(alone[1] < alone[0])
+    # A row without a positive power is NaN; the others as before.
+    mixed = time_to_floor_s(packs, np.array([power, -1.0, power]), soc, **kw)
+    assert np.isnan(mixed[1])
+    np.testing.assert_array_equal(mixed[[0, 2]], alone[0][[0, 2]])
+    with pytest.raises(EstimatorError, match="one per scenario"):
+        time_to_floor_s(packs, np.array([power, power]), soc, **kw)
+
+
 def test_outlook_without_discharge_or_packs() -> None:
     soc, std = SOC3, np.full(3, 0.02)
     charging = outlook(THREE, soc, std, battery_w=-3_000.0, load_w=12_000.0)

@@ -528,17 +528,20 @@ class OutlookOptions:
             raise EstimatorError(msg)
 
 
-def _water_fill(total: float, weight: F64, cap: F64) -> tuple[F64, F64]:
+def _water_fill(total: float | F64, weight: F64, cap: F64) -> tuple[F64, F64]:
     """Share ``total`` along the last axis in proportion to ``weight``, no share above ``cap``.
 
     Row by row (every leading index is one problem), exactly: a pack clips at the fill
     level ``cap / weight``; with the levels sorted, the power delivered at each level is
     a cumulative sum, and the level that delivers ``total`` is found by counting. ``weight``
-    and ``cap`` must be >= 0, and ``cap`` 0 where ``weight`` is.
+    and ``cap`` must be >= 0, and ``cap`` 0 where ``weight`` is; ``total`` is one number, or
+    one per row.
 
     Returns:
         (shares, unserved): per-pack shares and, per row, what no pack could take.
     """
+    total_row = np.asarray(total, dtype=np.float64)
+    total_col = total_row[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         level = np.where(weight > 0.0, cap / np.where(weight > 0.0, weight, 1.0), np.inf)
     order = np.argsort(level, axis=-1, kind="stable")
@@ -551,30 +554,36 @@ def _water_fill(total: float, weight: F64, cap: F64) -> tuple[F64, F64]:
     with np.errstate(invalid="ignore"):
         delivered = np.where(tail_w[..., 1:] > 0.0, cum_c + lv * tail_w[..., 1:], cum_c)
     n = weight.shape[-1]
-    k = np.minimum((delivered < total).sum(axis=-1, keepdims=True), n - 1)
+    k = np.minimum((delivered < total_col).sum(axis=-1, keepdims=True), n - 1)
     c_before = np.where(k > 0, np.take_along_axis(cum_c, np.maximum(k - 1, 0), axis=-1), 0.0)
     tail_k = np.take_along_axis(tail_w, k, axis=-1)
     # No weight left above the level: every pack is at its cap (an infinite level).
-    fill = np.where(tail_k > 0.0, (total - c_before) / np.where(tail_k > 0.0, tail_k, 1.0), np.inf)
+    fill = np.where(tail_k > 0.0, (total_col - c_before) / np.where(tail_k > 0.0, tail_k, 1.0), np.inf)
     with np.errstate(invalid="ignore"):
         share: F64 = np.where(weight > 0.0, np.minimum(cap, np.clip(fill, 0.0, None) * weight), 0.0)
-    unserved: F64 = np.clip(total - share.sum(axis=-1), 0.0, None)
+    unserved: F64 = np.clip(total_row - share.sum(axis=-1), 0.0, None)
     return share, unserved
 
 
-def _dispatch(total: float, weight: F64, cap: F64) -> tuple[F64, F64]:
-    """:func:`_water_fill` with a fast path: every row has weight and no proportional share exceeds its cap."""
+def _dispatch(total: float | F64, weight: F64, cap: F64) -> tuple[F64, F64]:
+    """:func:`_water_fill` with a fast path, row by row: a row with weight where no proportional share exceeds its cap.
+
+    ``weight`` and ``cap`` are ``(D, P)``; each row's result is the same whatever the other rows.
+    """
     w_sum = weight.sum(axis=-1)
-    if (w_sum > 0.0).all():
-        share: F64 = weight * (total / w_sum)[:, None]
-        if not (share > cap).any():
-            return share, np.zeros(w_sum.shape)
-    return _water_fill(total, weight, cap)
+    tot = np.broadcast_to(np.asarray(total, dtype=np.float64), w_sum.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share: F64 = weight * (tot / w_sum)[:, None]
+    slow = ~(w_sum > 0.0) | (share > cap).any(axis=-1)
+    unserved: F64 = np.zeros(w_sum.shape)
+    if slow.any():
+        share[slow], unserved[slow] = _water_fill(tot[slow], weight[slow], cap[slow])
+    return share, unserved
 
 
 def time_to_floor_s(
     packs: EnergyPacks,
-    power_w: float,
+    power_w: float | F64,
     soc: F64,
     *,
     temp_c: F64,
@@ -591,7 +600,9 @@ def time_to_floor_s(
 
     Args:
         packs: the packs.
-        power_w: the constant battery power to hold, W, positive on discharge.
+        power_w: the constant battery power to hold, W, positive on discharge: one for
+            every scenario, or one per scenario (rows are simulated independently, so
+            stacking scenarios of several powers gives each the same result as alone).
         soc: usable SoC, shape ``(D, P)``, fraction; a NaN takes that pack out of that
             scenario.
         temp_c: cell temperature per pack, °C, held constant (NaN is taken as 25 °C).
@@ -601,8 +612,8 @@ def time_to_floor_s(
 
     Returns:
         Per scenario, seconds until more than ``shortfall_share`` of the power goes
-        unserved; ``inf`` beyond ``horizon_s``; NaN for every scenario when
-        ``power_w <= 0`` (or is not finite).
+        unserved; ``inf`` beyond ``horizon_s``; NaN for a scenario whose power is
+        ``<= 0`` (or not finite).
 
     Raises:
         EstimatorError: if ``soc`` is not ``(D, P)``.
@@ -612,8 +623,19 @@ def time_to_floor_s(
         msg = f"soc must have shape (D, {packs.n_packs}), got {s.shape}"
         raise EstimatorError(msg)
     d = s.shape[0]
-    if not (math.isfinite(power_w) and power_w > 0.0):
-        return np.full(d, np.nan)
+    try:
+        power = np.broadcast_to(np.asarray(power_w, dtype=np.float64), (d,))
+    except ValueError as exc:
+        msg = f"power_w must be one number or one per scenario ({d})"
+        raise EstimatorError(msg) from exc
+    runs = np.isfinite(power) & (power > 0.0)
+    if not runs.all():
+        out_nan = np.full(d, np.nan)
+        if runs.any():
+            out_nan[runs] = time_to_floor_s(
+                packs, power[runs], s[runs], temp_c=temp_c, available=available, floor_soc=floor_soc, options=options
+            )
+        return out_nan
     t = packs._tables
     ocv_t, docv_t, cum_t, rsoc_t, drsoc_t = t.ocv, t.docv, t.cum_ocv, t.rsoc, t.drsoc
     row = packs._row
@@ -632,7 +654,7 @@ def time_to_floor_s(
     _, cum_now = _ocv_and_cum(t, _locate(row, s))
     target = options.target_steps
     e0 = (np.clip(cum_now - cum_floor, 0.0, None) * wh_per_v).sum(axis=1)
-    dt = np.clip(e0 * _S_PER_H / power_w / target, options.min_dt_s, max(options.horizon_s / target, options.min_dt_s))
+    dt = np.clip(e0 * _S_PER_H / power / target, options.min_dt_s, max(options.horizon_s / target, options.min_dt_s))
 
     last = GRID_POINTS - 2
     half_step = 0.5 * _STEP
@@ -640,7 +662,7 @@ def time_to_floor_s(
     prev_s, prev_now = s.copy(), now.copy()
     end = np.full(d, np.nan)
     running = np.ones(d, dtype=np.bool_)
-    limit = options.shortfall_share * power_w
+    limit = options.shortfall_share * power
     per_s_dt = _S_PER_H / dt[:, None]  # caps a pack at its energy over the step
     soc_per_a = dt[:, None] * soc_per_as  # SoC lost per ampere over the step
     for _ in range(target + _MAX_EXTRA_STEPS):
@@ -678,13 +700,13 @@ def time_to_floor_s(
         p_lim *= i_lim
         cap = energy * per_s_dt
         np.minimum(cap, p_lim, out=cap)
-        share, unserved = _dispatch(power_w, energy, cap)
+        share, unserved = _dispatch(power, energy, cap)
         fail = running & (unserved > limit)
         advance: B | None = None  # None: every row
         if fail.any():
             refine = fail & (dt > options.min_dt_s)
             finish = fail & ~refine
-            served = np.clip(power_w - unserved, 0.0, None) / power_w
+            served = np.clip(power - unserved, 0.0, None) / power
             end = np.where(finish, now + dt * served, end)
             running &= ~finish
             if not running.any():
@@ -785,21 +807,37 @@ def _readonly(a: F64) -> F64:
 
 def _runtimes(
     packs: EnergyPacks,
-    power_w: float | None,
+    powers: tuple[float | None, float | None],
     scenarios: F64,
     temp_c: F64,
     available: B,
     options: OutlookOptions,
-) -> tuple[float | None, float | None, float | None]:
-    if power_w is None or not (math.isfinite(power_w) and power_w > 0.0) or not available.any():
-        return None, None, None
-    found = time_to_floor_s(
-        packs, power_w, scenarios, temp_c=temp_c, available=available, floor_soc=options.floor_soc, options=options
-    )
-    # The scenarios are ordered (every pack's SoC moves one way), so is the runtime; sorting
-    # only removes step-size noise when the bands are narrower than a step.
-    p5, p50, p95 = np.sort(found).tolist()
-    return p5, p50, p95
+) -> tuple[tuple[float | None, float | None, float | None], ...]:
+    """P5/P50/P95 times to the floor at each power (None where a power is None or not positive).
+
+    The powers' scenarios are simulated side by side in one :func:`time_to_floor_s` call
+    (each row as it would be alone, in half the steps of two calls); equal powers once.
+    """
+    valid = [w if w is not None and math.isfinite(w) and w > 0.0 and available.any() else None for w in powers]
+    runs = sorted({w for w in valid if w is not None})
+    d = scenarios.shape[0]
+    bands: dict[float, tuple[float | None, float | None, float | None]] = {}
+    if runs:
+        found = time_to_floor_s(
+            packs,
+            np.repeat(np.array(runs, dtype=np.float64), d),
+            np.concatenate([scenarios] * len(runs)),
+            temp_c=temp_c,
+            available=available,
+            floor_soc=options.floor_soc,
+            options=options,
+        )
+        for k, w in enumerate(runs):
+            # The scenarios are ordered (every pack's SoC moves one way), so is the runtime;
+            # sorting only removes step-size noise when the bands are narrower than a step.
+            p5, p50, p95 = np.sort(found[k * d : (k + 1) * d]).tolist()
+            bands[w] = (p5, p50, p95)
+    return tuple(bands[w] if w is not None else (None, None, None) for w in valid)
 
 
 def site_soc_weights(packs: EnergyPacks, use: B, capacity_ah: F64 | None = None) -> F64:
@@ -910,12 +948,7 @@ def site_outlook(
         soc_p5, soc_p50, soc_p95 = (float(x) for x in site_soc)
     else:
         soc_p5 = soc_p50 = soc_p95 = math.nan
-    runtime = _runtimes(packs, battery_w, scenarios, temp, use, options)
-    ride = (
-        runtime
-        if load_w is not None and battery_w is not None and load_w == battery_w
-        else _runtimes(packs, load_w, scenarios, temp, use, options)
-    )
+    runtime, ride = _runtimes(packs, (battery_w, load_w), scenarios, temp, use, options)
     return SiteOutlook(
         pack_energy_kwh=_readonly(np.where(use, e / _WH_PER_KWH, np.nan)),
         pack_energy_kwh_p5=_readonly(np.where(use, pack_p5 / _WH_PER_KWH, np.nan)),
