@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SYSTEM_PACKAGES := mosquitto mosquitto-clients influxdb
 
-.PHONY: help test demo check bench accuracy-30d system-deps install clean
+.PHONY: help test demo check bench accuracy-30d accuracy-ocv system-deps install clean
 
 help:
 	@echo "make test    install what is missing (apt-get, pip) and run the whole test suite"
@@ -13,6 +13,7 @@ help:
 	@echo "make check   ruff and mypy"
 	@echo "make bench   run every benchmark and print one table"
 	@echo "make accuracy-30d  emulate 30 days of 60 nevada packs, replay, score (about 35 min)"
+	@echo "make accuracy-ocv  score 4 h of 60 nevada packs with cells 0-3 mV off the twin's OCV tables (about 5 min)"
 
 # Mosquitto and InfluxDB 1.x are real dependencies of the integration tests.
 system-deps:
@@ -62,6 +63,16 @@ accuracy-30d: $(STAMP)
 	  --truth --truth-every 1m --site-truth-every 1h --out runs/n60_30d
 	$(BIN)/mgtwin replay runs/n60_30d --every 5m
 	$(BIN)/mgtwin evaluate runs/n60_30d --skip 6h
+
+# How the twin fares when its OCV tables are not the cells': 4 hours of 60 nevada packs with
+# the cells' OCV off the tables by 0, 1, 2 and 3 mV RMS (a curve per chemistry), one table each.
+accuracy-ocv: $(STAMP)
+	for mv in 0 1 2 3; do \
+	  $(BIN)/mgtwin emulate --scenario nevada --packs 60 --duration 4h --pack-level --truth \
+	    --site-truth-every 10m --ocv-error-mv $$mv --out runs/n60_ocv$$mv && \
+	  $(BIN)/mgtwin replay runs/n60_ocv$$mv && \
+	  $(BIN)/mgtwin evaluate runs/n60_ocv$$mv --no-plots || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

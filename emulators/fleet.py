@@ -22,13 +22,14 @@ the cost (for long runs).
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
-from emulators.pack import ChemistryTables, PackParams
+from emulators.pack import ChemistryTables, PackParams, ocv_deviation
 from emulators.scenario import Scenario
 from twin.chemistry import get_chemistry
 from twin.chemistry.aging import EMPIRICAL_R_PER_FADE
@@ -40,6 +41,7 @@ I64 = NDArray[np.int64]
 
 #: Share of the start SoC spread between packs (the site was not at one SoC when the run starts).
 _START_SOC_MEAN = 0.70
+_OCV_STREAM = 0x0C7  # the cells' OCV deviation's generator stream (with the seed and the chemistry)
 _START_SOC_SD = 0.03
 
 
@@ -94,7 +96,14 @@ def build_fleet(scenario: Scenario, rng: np.random.Generator, *, cell_level: boo
     groups = [g for g in scenario.pack_groups if g.count > 0]
     chem_names = sorted({g.chemistry for g in groups})
     chems = [get_chemistry(n) for n in chem_names]
-    tables = ChemistryTables.build(chems)
+    # The cells' own OCV, off the tables by a curve per chemistry, each from a generator of its
+    # own (so the scenario's other draws, and the other chemistries' curves, do not depend on it).
+    rms = scenario.cell_model.ocv_error_mv * 1e-3
+    deviations = [
+        ocv_deviation(rms, np.random.default_rng([scenario.seed, _OCV_STREAM, zlib.crc32(n.encode())]))
+        for n in chem_names
+    ]
+    tables = ChemistryTables.build(chems, deviations)
     counts = np.array([g.count for g in groups])
     n = int(counts.sum())
     group_index = np.repeat(np.arange(len(groups)), counts)

@@ -76,23 +76,31 @@ class ChemistryTables:
     cum_energy_vh: F64  # ∫_0^soc OCV ds, for energy to a floor
 
     @classmethod
-    def build(cls, chemistries: Sequence[CellChemistry]) -> ChemistryTables:
-        """Tabulate every chemistry on the common grid."""
+    def build(cls, chemistries: Sequence[CellChemistry], ocv_error_v: Sequence[F64] | None = None) -> ChemistryTables:
+        """Tabulate every chemistry on the common grid.
+
+        ``ocv_error_v``: per chemistry, the real cells' OCV minus the table's on the grid
+        (:func:`ocv_deviation`); none by default.
+        """
         grid = np.linspace(0.0, 1.0, GRID_POINTS)
         step = grid[1] - grid[0]
+        error = [np.zeros(GRID_POINTS)] * len(chemistries) if ocv_error_v is None else list(ocv_error_v)
+        if len(error) != len(chemistries) or any(np.shape(e) != (GRID_POINTS,) for e in error):
+            msg = f"ocv_error_v needs one array of {GRID_POINTS} values per chemistry"
+            raise ValueError(msg)
 
         def stack(values: list[F64]) -> tuple[F64, F64]:
             table = np.concatenate(values)
             slope = np.concatenate([np.append(np.diff(v) / step, 0.0) for v in values])
             return table, slope
 
-        ocv, ocv_slope = stack([np.asarray(c.ocv(grid), dtype=np.float64) for c in chemistries])
+        true_ocv = [np.asarray(c.ocv(grid), dtype=np.float64) + e for c, e in zip(chemistries, error, strict=True)]
+        ocv, ocv_slope = stack(true_ocv)
         hyst, hyst_slope = stack([np.asarray(c.hysteresis_v(grid), dtype=np.float64) for c in chemistries])
         rsoc, rsoc_slope = stack([np.asarray(c.soc_factor(grid), dtype=np.float64) for c in chemistries])
         entropic = np.concatenate([np.asarray(c.entropic(grid), dtype=np.float64) for c in chemistries])
         cum = []
-        for c in chemistries:
-            v = np.asarray(c.ocv(grid), dtype=np.float64)
+        for v in true_ocv:
             cum.append(np.concatenate([[0.0], np.cumsum((v[1:] + v[:-1]) * 0.5 * step)]))
         return cls(
             chemistries=tuple(chemistries),
@@ -105,6 +113,22 @@ class ChemistryTables:
             entropic_v_per_k=entropic,
             cum_energy_vh=np.concatenate(cum),
         )
+
+
+def ocv_deviation(rms_v: float, rng: np.random.Generator, terms: int = 4) -> F64:
+    """A smooth OCV deviation on the grid with RMS ``rms_v``: ``terms`` sines and cosines of SoC.
+
+    Its coefficients are standard normal, their amplitude falling as ``1/k`` (smooth, as a
+    table measured on other cells differs); zero for ``rms_v`` 0 (the generator untouched).
+    """
+    if rms_v <= 0.0:
+        return np.zeros(GRID_POINTS)
+    s = np.linspace(0.0, 1.0, GRID_POINTS)
+    k = np.arange(1, terms + 1)[:, None]
+    a, b = rng.standard_normal((2, terms, 1)) / k
+    curve: F64 = (a * np.sin(np.pi * k * s) + b * np.cos(np.pi * k * s)).sum(axis=0)
+    curve *= rms_v / float(np.sqrt(np.mean(curve * curve)))
+    return curve
 
 
 def _lookup(table: F64, slope: F64, index: I64, frac: F64) -> F64:

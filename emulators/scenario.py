@@ -604,6 +604,19 @@ class SensorConfig(_Model):
     bms_soc_drift_per_h: float = Field(default=0.002, ge=0.0, le=0.1)
 
 
+class CellModelConfig(_Model):
+    """How far the emulated cells are from the chemistry tables the twin knows.
+
+    ``ocv_error_mv``: RMS over SoC of the difference between the real cells' OCV and the
+    chemistry's table, common to the packs of one chemistry (a table measured on other cells
+    of the type, another lot, another age): a smooth curve per chemistry (four sine and four
+    cosine terms of SoC) drawn from the scenario's seed. 0 (the default) gives the cells the
+    table itself, so the twin's OCV model is exact and its SoC error is the sensors' alone.
+    """
+
+    ocv_error_mv: float = Field(default=0.0, ge=0.0, le=50.0)
+
+
 class DispatchPolicy(_Model):
     """How the site uses its battery.
 
@@ -761,6 +774,7 @@ class Scenario(_Model):
     climate: ClimateConfig
     container: ContainerConfig = ContainerConfig()
     sensors: SensorConfig = SensorConfig()
+    cell_model: CellModelConfig = CellModelConfig()
     dispatch: DispatchPolicy = DispatchPolicy()
     telemetry: TelemetryConfig = TelemetryConfig()
     faults: Annotated[tuple[Fault, ...], Field(strict=False)] = ()

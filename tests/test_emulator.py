@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import subprocess
 import sys
@@ -155,6 +156,51 @@ def test_scaling_keeps_the_mix() -> None:
     small = nevada.scaled(20)
     assert small.pack_count == 20
     assert {g.chemistry for g in small.pack_groups if g.count} == {g.chemistry for g in nevada.pack_groups}
+
+
+def test_cells_off_their_table_by_the_scenario_s_ocv_error() -> None:
+    """``cell_model.ocv_error_mv``: the cells' OCV is the table plus a smooth curve of that RMS, per chemistry."""
+    from emulators.fleet import build_fleet
+    from emulators.pack import GRID_POINTS, ocv_deviation
+    from twin.chemistry import get_chemistry
+    from twin.errors import ScenarioError
+
+    curve = ocv_deviation(0.003, np.random.default_rng(1))
+    assert curve.shape == (GRID_POINTS,)
+    assert float(np.sqrt(np.mean(curve**2))) == pytest.approx(0.003)
+    assert float(np.abs(np.diff(curve)).max()) < 0.003 * 0.05  # smooth: no step near the RMS per 0.1 % SoC
+    assert not ocv_deviation(0.0, np.random.default_rng(1)).any()
+
+    exact = load_scenario("small")
+    data = exact.model_dump()
+    data["cell_model"] = {"ocv_error_mv": 2.0}
+    off = parse_scenario(data, source="test")
+    tables = {}
+    for name, sc in (("exact", exact), ("off", off)):
+        tables[name] = build_fleet(sc, np.random.default_rng(sc.seed)).params.tables
+    grid = np.linspace(0.0, 1.0, GRID_POINTS)
+    for k, chem in enumerate(tables["exact"].chemistries):
+        rows = slice(k * GRID_POINTS, (k + 1) * GRID_POINTS)
+        np.testing.assert_array_equal(tables["exact"].ocv_v[rows], get_chemistry(chem.name).ocv(grid))
+        diff = tables["off"].ocv_v[rows] - tables["exact"].ocv_v[rows]
+        assert float(np.sqrt(np.mean(diff**2))) == pytest.approx(0.002, rel=1e-9), chem.name
+    # Each chemistry its own curve, and the rest of the fleet as drawn without it.
+    first = tables["off"].ocv_v[:GRID_POINTS] - tables["exact"].ocv_v[:GRID_POINTS]
+    second = tables["off"].ocv_v[GRID_POINTS : 2 * GRID_POINTS] - tables["exact"].ocv_v[GRID_POINTS : 2 * GRID_POINTS]
+    assert not np.allclose(first, second)
+    with pytest.raises(ScenarioError, match=r"cell_model\.ocv_error_mv"):
+        parse_scenario({**data, "cell_model": {"ocv_error_mv": -1.0}}, source="test")
+
+
+def test_emulate_sets_the_cells_ocv_error_from_the_command_line(tmp_path: Path) -> None:
+    _emulate(tmp_path / "off", "--duration", "1m", "--pack-level", "--ocv-error-mv", "2.5")
+    info = json.loads((tmp_path / "off" / "run.json").read_text())
+    assert info["scenario"]["cell_model"] == {"ocv_error_mv": 2.5}
+    result = runner.invoke(
+        app, ["emulate", "--scenario", "small", "--out", str(tmp_path / "x"), "--ocv-error-mv", "-1"]
+    )
+    assert result.exit_code != 0
+    assert "ocv-error-mv" in result.output
 
 
 def _with_faults(faults: list[dict[str, Any]]) -> Scenario:

@@ -959,6 +959,15 @@ def emulate(
     aging_speedup: Annotated[
         float, typer.Option(help="Multiply aging rates (see months of fade in a short run).")
     ] = 1.0,
+    ocv_error_mv: Annotated[
+        float | None,
+        typer.Option(
+            help="The cells' OCV off the chemistry's table (the twin's) by a smooth curve of this RMS, mV, "
+            "per chemistry: how the twin fares when its tables are not the cells' (scenario: cell_model.ocv_error_mv).",
+            min=0.0,
+            max=50.0,
+        ),
+    ] = None,
     list_scenarios: Annotated[bool, typer.Option("--list", help="List the packaged scenarios and exit.")] = False,
 ) -> None:
     """Run the pack and site emulators: to a run folder (--out) or live on MQTT (--mqtt).
@@ -997,6 +1006,8 @@ def emulate(
         sc = sc.model_copy(update={"seed": seed})
     if start is not None:
         sc = sc.model_copy(update={"start": parse_start(start)})
+    if ocv_error_mv is not None:
+        sc = sc.model_copy(update={"cell_model": sc.cell_model.model_copy(update={"ocv_error_mv": ocv_error_mv})})
     options = EmulationOptions(
         duration_s=parse_duration(duration),
         dt_s=dt,
