@@ -202,6 +202,18 @@ def test_site_scores_give_the_band_half_width_beside_the_error() -> None:
     assert scores["error"] == pytest.approx(0.015)
 
 
+def test_band_verdict_says_why_a_band_is_too_wide_or_too_narrow() -> None:
+    from twin.evaluate import band_verdict
+
+    wide = {"energy_band_coverage": 1.0, "energy_band_halfwidth": 0.03, "energy_error_median": 0.002}
+    assert "the cells' OCV is the twin's table" in (band_verdict(wide, 0.0) or "")
+    narrow = {"energy_band_coverage": 0.3, "energy_band_halfwidth": 0.024, "energy_error_median": 0.026}
+    assert "3 mV off the tables" in (band_verdict(narrow, 3.0) or "")
+    fitting = {"energy_band_coverage": 0.9, "energy_band_halfwidth": 0.02, "energy_error_median": 0.012}
+    assert band_verdict(fitting, 1.5) is None
+    assert band_verdict({"energy_band_coverage": None}, 0.0) is None
+
+
 def test_evaluate_prints_a_table(replayed: Path) -> None:
     result = runner.invoke(app, ["evaluate", str(replayed), "--no-plots", "--skip", "30m"])
     assert result.exit_code == 0, result.output

@@ -763,6 +763,15 @@ def replay(
         console.print(f"  {p}")
 
 
+def _ocv_error_mv(run_dir: Path) -> float | None:
+    """The run's ``cell_model.ocv_error_mv`` from its run.json (None if not recorded or unreadable)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        return float(info["scenario"].get("cell_model", {}).get("ocv_error_mv", 0.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with the emulator's truth (emulate --truth).")],
@@ -782,7 +791,7 @@ def evaluate(
     """
     import polars as pl
 
-    from twin.evaluate import EvaluateOptions, evaluate_run, plot_run
+    from twin.evaluate import EvaluateOptions, band_verdict, evaluate_run, plot_run
 
     options = EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
     scores = evaluate_run(run_dir, estimates_dir=estimates, options=options)
@@ -835,6 +844,9 @@ def evaluate(
             "",
         )
     console.print(table)
+    verdict = band_verdict(scores, _ocv_error_mv(run_dir))
+    if verdict:
+        console.print(verdict)
     console.print(
         f"{scores['packs_scored']} packs, {scores['pack_rows_scored']:,} pack rows, "
         f"{scores['site_rows_scored']} site rows"

@@ -24,6 +24,7 @@ All errors are fractions (0.012 is 1.2 %).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -33,7 +34,7 @@ import polars as pl
 from twin.errors import TwinError
 from twin.replay import ESTIMATES_FILE, SITE_ESTIMATES_FILE
 
-__all__ = ["EvaluateError", "EvaluateOptions", "alert_scores", "evaluate_run", "plot_run"]
+__all__ = ["EvaluateError", "EvaluateOptions", "alert_scores", "band_verdict", "evaluate_run", "plot_run"]
 
 #: Keys of the JSON summary this module always fills (null when there is nothing to score).
 KEYS: Final = (
@@ -265,6 +266,40 @@ def evaluate_run(
     out["site_rows_scored"] = site.height
     out["skip_s"] = options.skip_s
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def band_verdict(scores: Mapping[str, Any], ocv_error_mv: float | None) -> str | None:
+    """One sentence on the site energy band's calibration, for the table (None when there is nothing to say).
+
+    The twin's bands budget model errors (an OCV table a couple of mV off the cells, an aging
+    law's bias) besides the filters' own uncertainty. A run whose cells match the twin's
+    tables has no such error, so its bands hold the truth every time; one whose cells are
+    further off than the budget makes them too narrow.
+
+    Args:
+        scores: :func:`evaluate_run`'s result.
+        ocv_error_mv: the run's ``cell_model.ocv_error_mv`` (None: not recorded).
+    """
+    coverage, width, error = (scores.get(f"energy_{k}") for k in ("band_coverage", "band_halfwidth", "error_median"))
+    if coverage is None or width is None or error is None:
+        return None
+    cells = (
+        "the cells' OCV is the twin's table"
+        if not ocv_error_mv
+        else f"the cells' OCV is {ocv_error_mv:g} mV off the tables"
+    )
+    if coverage > 0.98 and width > 3.0 * error:
+        return (
+            f"The energy band holds the truth {coverage:.0%} of the time, its half-width {width:.1%} against a median "
+            f"error of {error:.1%}: {cells}, and the band budgets for a table about 2 mV off the cells "
+            "(make accuracy-ocv: 83 % coverage at 2 mV)."
+        )
+    if coverage < 0.8:
+        return (
+            f"The energy band holds the truth only {coverage:.0%} of the time: {cells}, more than the twin's model "
+            "budget (about 2 mV); on LFP's plateau 1 mV is about 1.5 % of SoC."
+        )
+    return None
 
 
 def _rul_scores(run: Path, est_dir: Path) -> dict[str, Any]:
