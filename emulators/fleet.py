@@ -41,8 +41,9 @@ I64 = NDArray[np.int64]
 
 #: Share of the start SoC spread between packs (the site was not at one SoC when the run starts).
 _START_SOC_MEAN = 0.70
-_OCV_STREAM = 0x0C7  # the cells' OCV deviation's generator stream (with the seed and the chemistry)
 _START_SOC_SD = 0.03
+#: Stream of the cells' OCV deviation's generator (with the seed and the chemistry's name).
+_OCV_STREAM = 0x0C7
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import queue
@@ -185,6 +186,12 @@ def test_cells_off_their_table_by_the_scenario_s_ocv_error() -> None:
         diff = tables["off"].ocv_v[rows] - tables["exact"].ocv_v[rows]
         assert float(np.sqrt(np.mean(diff**2))) == pytest.approx(0.002, rel=1e-9), chem.name
     # Each chemistry its own curve, and the rest of the fleet as drawn without it.
+    fleets = {name: build_fleet(sc, np.random.default_rng(sc.seed)) for name, sc in (("exact", exact), ("off", off))}
+    for field in dataclasses.fields(fleets["exact"].params):
+        a, b = getattr(fleets["exact"].params, field.name), getattr(fleets["off"].params, field.name)
+        if isinstance(a, np.ndarray):  # every drawn parameter (the tables and derived caches aside)
+            np.testing.assert_array_equal(a, b, err_msg=field.name)
+    assert fleets["exact"].meta.equals(fleets["off"].meta)
     first = tables["off"].ocv_v[:GRID_POINTS] - tables["exact"].ocv_v[:GRID_POINTS]
     second = tables["off"].ocv_v[GRID_POINTS : 2 * GRID_POINTS] - tables["exact"].ocv_v[GRID_POINTS : 2 * GRID_POINTS]
     assert not np.allclose(first, second)

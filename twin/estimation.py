@@ -72,8 +72,8 @@ class EstimationOptions:
     #: Relative error of a converged capacity estimate that its own standard deviation does not
     #: show (the SoC filter's ΔSoC scale; 1-2 % on the emulated sites over days), for the bands.
     capacity_model_rel_std: float = 0.015
-    #: SoC prior of a pack that has just appeared (None: centred on its first reading through
-    #: the OCV table), and its standard deviation.
+    #: SoC prior of a pack that has just appeared (None: 50 %, or centred on its first reading
+    #: where that reading leaves the SoC open, as on LFP's plateau), and its standard deviation.
     soc0: float | None = None
     soc0_std: float = 0.3
     #: Event-time grid of the capacity checkpoints, s (fixed, so batches do not matter).

@@ -68,7 +68,8 @@ simulation: pack ``i`` of chemistry ``c`` is shifted by ``-+ z sigma_site v_i / 
 its share of the variance (the
 conditional mean of its error given the site's), so each scenario's site energy moves by
 ``z sigma_site`` to first order; SoC is clipped to [0, 1]. Runtime and ride-through are one
-:func:`time_to_floor_s` call each with those three scenarios side by side.
+:func:`time_to_floor_s` call together: the three scenarios at the battery power and the
+three at the load side by side (one call of three when the two powers are equal).
 
 Everything is numpy over packs (and scenarios); the only Python loops are over time steps
 and over the (at most four) chemistries.
@@ -616,7 +617,8 @@ def time_to_floor_s(
         ``<= 0`` (or not finite).
 
     Raises:
-        EstimatorError: if ``soc`` is not ``(D, P)``.
+        EstimatorError: if ``soc`` is not ``(D, P)``, or ``power_w`` neither one number nor
+            one per scenario.
     """
     s = np.array(soc, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != packs.n_packs:

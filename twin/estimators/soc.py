@@ -266,8 +266,9 @@ class PackInfo:
         series: series cell groups per pack.
         capacity_ah: capacity prior of one cell group (rated x SoH prior, or a measured
             value), Ah; the coulomb counter divides by it.
-        soc0: initial SoC prior, fraction; NaN centres the prior on the pack's first reading
-            (its voltage, less the ohmic drop, through the OCV table at zero hysteresis).
+        soc0: initial SoC prior, fraction; NaN: 50 %, centred on the pack's first reading
+            instead where that reading leaves the SoC open (the LFP plateau; see
+            :meth:`_Bank._centre_prior`).
         soc0_std: standard deviation of the initial SoC prior, fraction.
         series_r_ohm: extra series resistance of the whole pack that the chemistry does not
             know (cabling, sense leads), Ω; 0 by default.
@@ -339,8 +340,8 @@ class PackInfo:
             meta: one row per pack with ``pack``, ``chemistry``, ``rated_capacity_ah``,
                 ``series_cells`` and optionally ``intake_soh``.
             soh_prior: SoH priors by pack id (from a capacity estimate, say).
-            soc0: initial SoC prior of every pack; None (the default) centres each pack's
-                prior on its first reading (see :attr:`PackInfo.soc0`).
+            soc0: initial SoC prior of every pack; None (the default): 50 %, centred on a
+                pack's first reading where it leaves the SoC open (see :attr:`PackInfo.soc0`).
             soc0_std: its standard deviation.
 
         Returns:
@@ -1312,33 +1313,44 @@ class _Bank:
         """Centre the SoC prior of packs without one on their first valid reading, where it matters.
 
         Where the reading pins the SoC (a sloped OCV), the filter finds it from any centre
-        within minutes, and the prior stays as it is (``soc0_std`` about 50 %). Where it cannot
+        within minutes, and the prior stays as it is (50 %, ``soc0_std``). Where it cannot
         (the LFP plateau, whose hysteresis state is unknown), the prior's centre decides where
         the estimate settles among the (SoC, hysteresis) pairs that explain the voltage
         equally well: from 50 %, a pack resting at 66 % settled at 60 %. There the prior is
-        centred on the reading: the cell voltage plus the ohmic drop at the prior resistance,
-        through the chemistry's table at zero hysteresis (the hysteresis prior's mean). Its
-        spread is what the reading leaves open (the OCV table's error and the hysteresis
-        prior; the RC voltages are a transient the next minutes resolve) over the OCV's mean
-        slope within 5 % of the centre, at most ``soc0_std``; it is centred when that spread
-        exceeds 5 %. Its correlations start at zero.
+        centred on the reading: the OCV the measurement model gives for it with the filter's
+        own RC voltages and hysteresis state (zero and the prior's mean, unless current has
+        flowed while the voltage was missing), through the chemistry's table. Its spread is
+        what the reading leaves open (the OCV table's error and the hysteresis state's
+        spread; the RC voltages are a transient the next minutes resolve) over the OCV's
+        mean slope within 5 % of the centre, at most ``soc0_std``; it is centred when that
+        spread exceeds 5 %. Its correlations start at zero.
         """
-        c = self.c
+        c, o = self.c, self.o
         go = self.pending & i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
         if not go.any():
             return
-        rows, frac = _lookup(self.table, c.row, np.full(self.n, 0.5))
-        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * self.temp_factor(t_now) * self.rs
-        ocv = y + (r0 + c.r_series_cell_ohm) * (i_now - self.off)
-        centre = self.soc.copy()
-        for index in np.unique(c.row[go]):
-            pick = go & (c.row == index)
-            centre[pick] = self.chemistries[int(index) // GRID_POINTS].soc_from_ocv(ocv[pick])
+        # y = OCV(s) + amp(s) hy - rs (r0(s) i + v1 + v2) - r_series i, solved for OCV(s); the
+        # resistance's SoC shape and the hysteresis amplitude are read at 50 %, then again at
+        # the centre found.
+        i_true = i_now - self.off
+        known = y + self.rs * (self.vrc1 + self.vrc2) + c.r_series_cell_ohm * i_true
+        tf = self.temp_factor(t_now)
+        centre = np.full(self.n, 0.5)
+        for _ in range(2):
+            rows, frac = _lookup(self.table, c.row, centre)
+            ocv = (
+                known
+                + c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf * self.rs * i_true
+                - _col(rows, frac, _HYST) * self.hy
+            )
+            for index in np.unique(c.row[go]):
+                pick = go & (c.row == index)
+                centre[pick] = self.chemistries[int(index) // GRID_POINTS].soc_from_ocv(ocv[pick])
         lo, hi = np.clip(centre - _CENTRE_SPAN, 0.0, 1.0), np.clip(centre + _CENTRE_SPAN, 0.0, 1.0)
         secant = (_col(*_lookup(self.table, c.row, hi), _OCV) - _col(*_lookup(self.table, c.row, lo), _OCV)) / (hi - lo)
         amp = _col(*_lookup(self.table, c.row, centre), _HYST)
-        o = self.o
-        spread_v = np.sqrt(o.ocv_error_v**2 + (amp * o.hyst0_std) ** 2 + c.r_voltage_white)
+        hy_var = np.maximum(self.cov[_HY, _HY], 0.0)
+        spread_v = np.sqrt(o.ocv_error_v**2 + amp * amp * hy_var + c.r_voltage_white)
         move = go & (spread_v > _OPEN_SOC * secant)
         self.soc = np.where(move, centre, self.soc)
         keep = ~move
@@ -1773,8 +1785,8 @@ class SocEstimator(Estimator[SocState, SocEstimate]):
             meta: one row per pack, the contract's pack_meta columns.
             options: noise model and data-quality rules.
             soh_prior: SoH priors by pack id (default: the meta's ``intake_soh``, else 1).
-            soc0: initial SoC prior of every pack (None: each pack's first reading, see
-                :attr:`PackInfo.soc0`).
+            soc0: initial SoC prior of every pack (None: 50 %, or the pack's first reading
+                where it leaves the SoC open, see :attr:`PackInfo.soc0`).
             soc0_std: its standard deviation.
 
         Returns:
