@@ -786,8 +786,10 @@ def evaluate(
 
     Prints SoC RMSE (overall, by chemistry, and the BMS-reported SoC scored the same way),
     energy-to-floor, runtime and ride-through MAPE and how often the truth fell inside the
-    twin's P5-P95 band. Errors are fractions in --json (0.012 = 1.2 %). Plots of estimate
-    against truth with the bands, for the site and the worst packs, go beside the estimates.
+    twin's P5-P95 band, with how honest the stated uncertainty is: the SoC error over its
+    standard deviation (RMS; 1 when honest) and each band's median half-width beside the
+    median error. Errors are fractions in --json (0.012 = 1.2 %). Plots of estimate against
+    truth with the bands, for the site and the worst packs, go beside the estimates.
     """
     import polars as pl
 
