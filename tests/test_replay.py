@@ -214,6 +214,22 @@ def test_band_verdict_says_why_a_band_is_too_wide_or_too_narrow() -> None:
     assert band_verdict({"energy_band_coverage": None}, 0.0) is None
 
 
+def test_compare_scores_runs_side_by_side(replayed: Path) -> None:
+    result = runner.invoke(app, ["compare", str(replayed), str(replayed), "--json", "--skip", "30m"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["run"] for r in rows] == [str(replayed)] * 2
+    assert rows[0]["ocv_error_mv"] == 0.0  # the packaged scenario's cells have the tables' OCV
+    single = json.loads(runner.invoke(app, ["evaluate", str(replayed), "--json", "--no-plots", "--skip", "30m"]).stdout)
+    for key in ("soc_rmse", "energy_mape", "energy_band_coverage"):
+        assert rows[0][key] == single[key], key
+    table = runner.invoke(app, ["compare", str(replayed), "--skip", "30m"])
+    assert table.exit_code == 0, table.output
+    assert "side by side" in table.output
+    missing = runner.invoke(app, ["compare", str(replayed / "nope")])
+    assert missing.exit_code != 0
+
+
 def test_evaluate_prints_a_table(replayed: Path) -> None:
     result = runner.invoke(app, ["evaluate", str(replayed), "--no-plots", "--skip", "30m"])
     assert result.exit_code == 0, result.output

@@ -858,6 +858,64 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Replayed run folders with the emulator's truth.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list instead of the table.")] = False,
+    skip: Annotated[str, typer.Option(help="Leave out the start of each run (the filters' warm-up).")] = "1h",
+) -> None:
+    """Score several replayed runs and print one row each: SoC, site energy and band figures side by side.
+
+    For sweeps such as `make accuracy-ocv` (the same site with its cells' OCV further and
+    further off the twin's tables): each row gives the run's ``cell_model.ocv_error_mv``,
+    SoC RMSE (and the BMS's, and by chemistry), site energy, runtime and ride-through MAPE,
+    the energy band's coverage and median half-width, and the SoC error over its stated std.
+    """
+    from twin.evaluate import EvaluateOptions, evaluate_run
+
+    options = EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
+    rows = []
+    for run_dir in run_dirs:
+        scores = evaluate_run(run_dir, options=options)
+        rows.append({"run": str(run_dir), "ocv_error_mv": _ocv_error_mv(run_dir), **scores})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, sort_keys=True) + "\n")
+        return
+
+    def pct(value: object) -> str:
+        return "-" if value is None else f"{100.0 * float(value):.1f}"  # type: ignore[arg-type]
+
+    chems = sorted({c for r in rows for c in (r["soc_rmse_by_chemistry"] or {})})
+    headers = (
+        "run",
+        "OCV off mV",
+        "SoC %",
+        "BMS %",
+        *chems,
+        "energy %",
+        "runtime %",
+        "ride %",
+        "cover %",
+        "band ±%",
+        "err/std",
+    )
+    table = Table(*headers, title="runs side by side (errors: RMSE for SoC, MAPE for the site; band: energy P5-P95)")
+    for r in rows:
+        by = r["soc_rmse_by_chemistry"] or {}
+        table.add_row(
+            Path(r["run"]).name,
+            "-" if r["ocv_error_mv"] is None else f"{r['ocv_error_mv']:g}",
+            pct(r["soc_rmse"]),
+            pct(r["soc_rmse_bms"]),
+            *[pct(by.get(c)) for c in chems],
+            *[pct(r[f"{k}_mape"]) for k in ("energy", "runtime", "ridethrough")],
+            pct(r["energy_band_coverage"]),
+            pct(r["energy_band_halfwidth"]),
+            "-" if r["soc_z_rms"] is None else f"{r['soc_z_rms']:.2f}",
+        )
+    console.print(table)
+
+
+@app.command()
 def rul(
     file: Annotated[Path, typer.Argument(help="Capacity checkups: a CSV or Parquet table, per cell or pack.")],
     mapping: Annotated[
