@@ -415,7 +415,7 @@ class SiteEstimation:
         return PackEstimates(
             pack_ids=e.pack_ids,
             soc=np.asarray(e.soc_usable, dtype=np.float64),
-            soc_std=np.asarray(e.soc_std, dtype=np.float64),
+            soc_std=np.asarray(e.soc_usable_std, dtype=np.float64),
             soc_mean=np.asarray(e.soc, dtype=np.float64),
             soc_min_cell=np.asarray(e.soc_min_cell, dtype=np.float64),
             current_offset_a=np.asarray(e.current_offset_a, dtype=np.float64),
