@@ -703,12 +703,12 @@ def _pack_detail() -> dict[str, Any]:
         ),
         _timeseries(
             ids,
-            "SoC: estimated (±2σ) against the BMS",
+            "SoC: estimated (P5-P95) against the BMS",
             [
                 _target(
                     "A",
-                    'SELECT mean("soc") AS "estimate", mean("soc") - 2 * mean("soc_std") AS "P5", '
-                    'mean("soc") + 2 * mean("soc_std") AS "P95", mean("soc_bms") AS "BMS" '
+                    'SELECT mean("soc") AS "estimate", mean("soc") - 1.645 * mean("soc_std") AS "P5", '
+                    'mean("soc") + 1.645 * mean("soc_std") AS "P95", mean("soc_bms") AS "BMS" '
                     f'FROM "pack_state" WHERE {where} {by_time}',
                 )
             ],
@@ -719,7 +719,10 @@ def _pack_detail() -> dict[str, Any]:
                 *_band_overrides(),
                 _by_name("BMS", color=_fixed(_BMS), custom__lineStyle={"fill": "dash", "dash": [10, 10]}),
             ],
-            description="The twin's SoC with a ±2σ band, and the SoC the BMS reports (second-life BMSs drift).",
+            description=(
+                "The twin's SoC with its P5-P95 band (±1.645σ, as the site's bands), "
+                "and the SoC the BMS reports (second-life BMSs drift)."
+            ),
         ),
         _timeseries(
             ids,
