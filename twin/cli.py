@@ -12,7 +12,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 
 from twin import __version__
 from twin.errors import TwinError
+
+if TYPE_CHECKING:
+    from twin.evaluate import EvaluateOptions
 
 __all__ = ["app", "main"]
 
@@ -763,6 +766,13 @@ def replay(
         console.print(f"  {p}")
 
 
+def _evaluate_options(skip: str) -> EvaluateOptions:
+    """The scoring rules from --skip ("0" or "0s": score from the start)."""
+    from twin.evaluate import EvaluateOptions
+
+    return EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
+
+
 def _ocv_error_mv(run_dir: Path) -> float | None:
     """The run's ``cell_model.ocv_error_mv`` from its run.json (None if not recorded or unreadable)."""
     try:
@@ -793,9 +803,9 @@ def evaluate(
     """
     import polars as pl
 
-    from twin.evaluate import EvaluateOptions, band_verdict, evaluate_run, plot_run
+    from twin.evaluate import band_verdict, evaluate_run, plot_run
 
-    options = EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
+    options = _evaluate_options(skip)
     scores = evaluate_run(run_dir, estimates_dir=estimates, options=options)
     if (run_dir / "faults.parquet").is_file():
         from twin.alerts import alerts_from_run
@@ -870,9 +880,9 @@ def compare(
     SoC RMSE (and the BMS's, and by chemistry), site energy, runtime and ride-through MAPE,
     the energy band's coverage and median half-width, and the SoC error over its stated std.
     """
-    from twin.evaluate import EvaluateOptions, evaluate_run
+    from twin.evaluate import evaluate_run
 
-    options = EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
+    options = _evaluate_options(skip)
     rows = []
     for run_dir in run_dirs:
         scores = evaluate_run(run_dir, options=options)

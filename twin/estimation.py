@@ -286,9 +286,9 @@ class SiteEstimation:
         )
         if frame.get_column("ts_ms").null_count():
             frame = frame.filter(pl.col("ts_ms").is_not_null())
-        order = _pack_time_order(frame.get_column("_p").to_numpy(), frame.get_column("ts_ms").to_numpy())
-        p = frame.get_column("_p").to_numpy()[order]
-        t = frame.get_column("ts_ms").to_numpy()[order]
+        p_all, t_all = frame.get_column("_p").to_numpy(), frame.get_column("ts_ms").to_numpy()
+        order = _pack_time_order(p_all, t_all)
+        p, t = p_all[order], t_all[order]
         once = np.ones(p.size, dtype=np.bool_)
         once[1:] = (p[1:] != p[:-1]) | (t[1:] != t[:-1])
         order, p, t = order[once], p[once], t[once]

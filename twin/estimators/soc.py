@@ -1251,8 +1251,9 @@ class _Bank:
         t_now = np.where(m & np.isfinite(t_k), t_k, self.last_t)
         i_now = np.where(i_ok, i_k, self.last_i)
         y = samples.voltage_v[k] * c.inv_series
+        valid = i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
         if self.any_pending:
-            self._centre_prior(y, i_ok, i_now, t_now)
+            self._centre_prior(y, valid, i_now, t_now)
         soc, hy, cov, rs = self.soc, self.hy, self.cov, self.rs
         rows, frac = _lookup(self.table, c.row, soc)
         ocv = _col(rows, frac, _OCV)
@@ -1280,7 +1281,6 @@ class _Bank:
         )
         np.maximum(corr, 1.0, out=corr)
         r_meas = c.r_voltage_white + (nz.ocv2 + nz.resistance2 * (rs * drop) ** 2) * corr + r_lin
-        valid = i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
         cov, post, tmp = self._scratch()
         ph = _sum6(np.multiply(cov, hrow[None, :, :], out=tmp), axis=1)  # P H^T
         s = _sum6(hrow * ph, axis=0) + r_meas
@@ -1313,7 +1313,7 @@ class _Bank:
         self.n_skip += m & ~valid
         self.n_done += m
 
-    def _centre_prior(self, y: F64, i_ok: B, i_now: F64, t_now: F64) -> None:
+    def _centre_prior(self, y: F64, valid: B, i_now: F64, t_now: F64) -> None:
         """Centre the SoC prior of packs without one on their first valid reading, where it matters.
 
         Where the reading pins the SoC (a sloped OCV), the filter finds it from any centre
@@ -1330,7 +1330,7 @@ class _Bank:
         spread exceeds 5 %. Its correlations start at zero.
         """
         c, o = self.c, self.o
-        go = self.pending & i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
+        go = self.pending & valid  # the same readings as the measurement update takes
         if not go.any():
             return
         # y = OCV(s) + amp(s) hy - rs (r0(s) i + v1 + v2) - r_series i, solved for OCV(s); the
