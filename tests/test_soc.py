@@ -29,6 +29,7 @@ from twin.chemistry import get_chemistry, ocv_from_slow_cycle
 from twin.contract import CURRENT_SIGN
 from twin.errors import TwinError
 from twin.estimation import filter_soh_prior
+from twin.estimators import _soc_filter as soc_filter
 from twin.estimators import base as estimators_base
 from twin.estimators import soc as soc_module
 from twin.estimators.base import REGISTRY, Estimator, EstimatorError
@@ -627,12 +628,21 @@ def test_resistances_follow_the_chemistry_temperature_factor() -> None:
         series_r_ohm=np.zeros(4),
     )
     params = SocEstimator(packs).params
-    factor = soc_module._TempFactor(soc_module._PackConst.gather(params, np.arange(4)))
+    t_ref_k = params.consts.t_ref_k
+
+    def factor(temp: float) -> list[float]:
+        return [
+            soc_filter.temp_factor(
+                params.tf_slope[a], params.tf_const[a], params.tf_knots[a], params.tf_changes[a], temp, t_ref_k
+            )
+            for a in range(4)
+        ]
+
     for temp in (-20.0, 0.0, 10.0, 17.5, 25.0, 33.0, 40.0, 55.0):
         expected = [float(get_chemistry(c).temp_factor(temp)) for c in chems]
-        np.testing.assert_allclose(factor(np.full(4, temp)), expected, rtol=1e-12, err_msg=f"{temp} °C")
+        np.testing.assert_allclose(factor(temp), expected, rtol=1e-12, err_msg=f"{temp} °C")
     # lmo is not Arrhenius: at 10 °C its table is 1.649, Arrhenius at its 13.3 kJ/mol would be ~1.32.
-    assert float(factor(np.full(4, 10.0))[3]) == pytest.approx(1.649, abs=1e-9)
+    assert factor(10.0)[3] == pytest.approx(1.649, abs=1e-9)
 
 
 def test_packs_do_not_talk_to_each_other(contract_frame: pl.DataFrame) -> None:

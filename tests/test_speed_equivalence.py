@@ -1,6 +1,7 @@
 """The replay's fast paths give exactly what the general paths give (issue 5: speed without changing results).
 
-* the SoC filter's pack-last sums (:func:`twin.estimators.soc._sum6`) add in ``np.einsum``'s order;
+* the compiled SoC filter's sums (:func:`twin.estimators._soc_filter._dot6`) add in ``np.einsum``'s order,
+  as the numpy filter it replaced did;
 * the mirror's vectorised duplicate check and newest-row pick agree with the polars way on
   messy batches (redeliveries, restarted counters, ties in time, disorder);
 * the replay's window cut agrees with ``partition_by`` on rows out of order;
@@ -21,22 +22,21 @@ from polars.testing import assert_frame_equal
 import twin.alerts
 from tests.test_state import SITE, T0, feed, meta, telemetry
 from twin.alerts import _LAST, _STUCK, AlertEngine, AlertOptions, _aggregate
-from twin.estimators.soc import _sum6
+from twin.estimators._soc_filter import _dot6
 from twin.replay import _Windowed
 from twin.state import CoreOptions, TwinCore
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
-def test_sum6_adds_as_einsum_does(scale: float) -> None:
+def test_dot6_adds_as_einsum_does(scale: float) -> None:
     rng = np.random.default_rng(5)
     cov = rng.standard_normal((805, 6, 6)) * scale
     h = rng.standard_normal((805, 6))
     ph = np.einsum("nij,nj->ni", cov, h)
     s = np.einsum("ni,ni->n", h, ph)
-    pack_last = np.ascontiguousarray(cov.transpose(1, 2, 0))
-    ph_last = _sum6(pack_last * h.T[None, :, :], axis=1)
-    assert ph_last.T.tobytes() == ph.tobytes()
-    assert _sum6(h.T * ph_last, axis=0).tobytes() == s.tobytes()
+    ours = np.array([[_dot6(cov[n, i], h[n]) for i in range(6)] for n in range(805)])
+    assert ours.tobytes() == ph.tobytes()
+    assert np.array([_dot6(h[n], ph[n]) for n in range(805)]).tobytes() == s.tobytes()
 
 
 def _messy_batches(seed: int) -> list[list[tuple[str, bytes]]]:

@@ -77,7 +77,7 @@ How the filter is tuned, and what it says about itself:
   that reading leaves the SoC open (the LFP plateau, the hysteresis state unknown): there a
   fixed centre would decide where the estimate settles among the (SoC, hysteresis) pairs
   that explain the voltage. Elsewhere the reading pins the SoC within minutes from any
-  centre (:meth:`_Bank._centre_prior`; :attr:`PackInfo.soc0` NaN, the default).
+  centre (:func:`twin.estimators._soc_filter._centre_prior`; :attr:`PackInfo.soc0` NaN, the default).
 
 Two small Kalman filters per pack follow the weakest (lowest-voltage) and the strongest
 (highest-voltage) cell group from ``cell_v_min_v`` and ``cell_v_max_v``, three states each::
@@ -133,9 +133,9 @@ Data handling in :meth:`SocEstimator.update` (per pack, in event time):
 * the BMS's own ``soc_bms`` is never read.
 
 The batch is reshaped to ``(k, pack)`` arrays, the *k*-th new sample of every pack side by
-side, and the filter runs over ``k`` with numpy over packs: there is no Python loop per pack
-or per row. Several chemistries share one filter through tables sampled on one SoC grid
-and gathered by chemistry row.
+side, and the recursion runs compiled (:mod:`twin.estimators._soc_filter`, numba), one pass
+over each pack's samples: there is no Python loop per pack or per row. Several chemistries
+share one filter through tables sampled on one SoC grid and indexed by chemistry row.
 
 References:
     Plett, G. L. (2004). Extended Kalman filtering for battery management systems of
@@ -159,6 +159,58 @@ from numpy.typing import NDArray
 
 from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
 from twin.chemistry.aging import EMPIRICAL_R_PER_FADE
+from twin.estimators import _soc_filter
+from twin.estimators._soc_filter import (
+    CD as _CD,
+)
+from twin.estimators._soc_filter import (
+    CR as _CR,
+)
+from twin.estimators._soc_filter import (
+    CX as _CX,
+)
+from twin.estimators._soc_filter import (
+    DOCV as _DOCV,
+)
+from twin.estimators._soc_filter import (
+    GRID_POINTS,
+)
+from twin.estimators._soc_filter import (
+    HY as _HY,
+)
+from twin.estimators._soc_filter import (
+    MAX_RATE as _MAX_RATE,
+)
+from twin.estimators._soc_filter import (
+    N_CELL as _N_CELL,
+)
+from twin.estimators._soc_filter import (
+    N_COLS as _N_COLS,
+)
+from twin.estimators._soc_filter import (
+    N_STATES as _N_STATES,
+)
+from twin.estimators._soc_filter import (
+    NO_TS as _NO_TS,
+)
+from twin.estimators._soc_filter import (
+    OFF as _OFF,
+)
+from twin.estimators._soc_filter import (
+    RATE_SLACK as _RATE_SLACK,
+)
+from twin.estimators._soc_filter import (
+    RS as _RS,
+)
+from twin.estimators._soc_filter import (
+    SOC as _SOC,
+)
+from twin.estimators._soc_filter import (
+    V1 as _V1,
+)
+from twin.estimators._soc_filter import (
+    V2 as _V2,
+)
 from twin.estimators.base import (
     Estimator,
     EstimatorError,
@@ -189,43 +241,10 @@ I64 = NDArray[np.int64]
 B = NDArray[np.bool_]
 IP = NDArray[np.intp]
 
-GRID_POINTS: Final = 1001
-"""Points of the common SoC grid the chemistries are tabulated on (0.1 % SoC steps)."""
-
-_KELVIN: Final = 273.15
-_T_REF_K: Final = REFERENCE_TEMP_C + _KELVIN
 _S_PER_H: Final = 3600.0
-_NO_TS: Final = -1
-_N_STATES: Final = 6
-# State indices: x = [soc, v_rc1_v, v_rc2_v, hyst, current_offset_a, r_scale].
-_SOC, _V1, _V2, _HY, _OFF, _RS = 0, 1, 2, 3, 4, 5
-_CENTRE_SPAN: Final = 0.05  # half-width of the SoC span whose mean OCV slope is the reading's sensitivity
-_OPEN_SOC: Final = 0.05  # a first reading leaving the SoC open by more than this centres the prior on it
-_SOC_LIMITS: Final = (-0.2, 1.2)  # the state may overshoot [0, 1] a little; outputs are clipped
-_R_SCALE_LIMITS: Final = (0.2, 10.0)
-# Extreme-cell filters: per pack, the weakest (0) and strongest (1) cell group, three states each.
-_N_CELL: Final = 3
-_CD, _CR, _CX = 0, 1, 2  # SoC offset from the mean, rate (d soc_cell / d soc_mean - 1), resistance excess
-#: How the usable share reads the extreme cells' rates (:func:`_extreme_rates`): a weakest cell
-#: up to twice as fast as the mean (half its capacity), a strongest one up to half as slow, with
-#: a little slack across zero; and the least usable share the coulomb count applies.
-_MAX_RATE: Final = 1.0
 #: The published usable SoC reads a rate on its side of zero once its standard deviation is below this.
 _SETTLED_RATE_STD: Final = 0.05
-_RATE_SLACK: Final = 0.02
-_MIN_USABLE_SHARE: Final = 0.75
-_CELL_OFFSET_LIMIT: Final = 0.5
-_CELL_RATE_LIMITS: Final = (-0.5, 1.5)
-_CELL_R_LIMITS: Final = (-0.9, 9.0)
-_SQRT3: Final = float(np.sqrt(3.0))
-_W0: Final = 2.0 / 3.0  # Gauss-Hermite weights of the nodes 0 and +-sqrt(3) sigma
-_W1: Final = 1.0 / 6.0
-_SL_MIN_HALF_WIDTH: Final = 0.005  # below this the secant is the local slope, smoothed over 1 % SoC
-_TINY: Final = 1e-12
 _SPARSE_SLACK: Final = 4096  # grid cells a batch may waste before its packs are split by sample count
-# Columns of the stacked tables (value and step to the next grid point, for interpolation).
-_OCV, _DOCV, _HYST, _DHYST, _RSOC = 0, 2, 4, 6, 8
-_N_COLS: Final = 10
 #: Columns :meth:`SocEstimator.update` needs; ``cell_v_min_v``/``cell_v_max_v`` are optional.
 REQUIRED_COLUMNS: Final = ("pack", "ts_ms", "voltage_v", "current_a", "temp_avg_c")
 OPTIONAL_COLUMNS: Final = ("cell_v_min_v", "cell_v_max_v")
@@ -272,7 +291,7 @@ class PackInfo:
             value), Ah; the coulomb counter divides by it.
         soc0: initial SoC prior, fraction; NaN: 50 %, centred on the pack's first reading
             instead where that reading leaves the SoC open (the LFP plateau; see
-            :meth:`_Bank._centre_prior`).
+            :func:`twin.estimators._soc_filter._centre_prior`).
         soc0_std: standard deviation of the initial SoC prior, fraction.
         series_r_ohm: extra series resistance of the whole pack that the chemistry does not
             know (cabling, sense leads), Ω; 0 by default.
@@ -588,6 +607,8 @@ class SocParams:
     soc_hi: F64
     rated_group_ah: F64
     pack_enum: pl.Enum
+    inverse_ocv: _soc_filter.InverseOcv  # the chemistries' OCV tables for inversion
+    consts: _soc_filter.Consts  # the options as the compiled filter reads them
 
     @classmethod
     def build(cls, packs: PackInfo, options: SocOptions) -> SocParams:
@@ -661,8 +682,47 @@ class SocParams:
             chemistries=chems,
             table=_tables(chems),
             pack_enum=pl.Enum(list(packs.pack_ids)),
+            inverse_ocv=_inverse_ocv(chems),
+            consts=_consts(options),
             **frozen,
         )
+
+
+def _inverse_ocv(chemistries: Sequence[CellChemistry]) -> _soc_filter.InverseOcv:
+    """The chemistries' own OCV tables (what :meth:`CellChemistry.soc_from_ocv` interpolates), padded to one width."""
+    width = max(c.ocv_v.size for c in chemistries)
+    ocv = np.zeros((len(chemistries), width))
+    soc = np.zeros((len(chemistries), width))
+    for k, c in enumerate(chemistries):
+        ocv[k, : c.ocv_v.size] = c.ocv_v
+        soc[k, : c.soc_grid.size] = c.soc_grid
+    size = np.array([c.ocv_v.size for c in chemistries], dtype=np.int64)
+    return _soc_filter.InverseOcv(_frozen(ocv, np.float64), _frozen(soc, np.float64), _frozen(size, np.int64))
+
+
+def _consts(o: SocOptions) -> _soc_filter.Consts:
+    """The options turned into the variances the filter adds (per second, per unit, ...) and its limits."""
+    return _soc_filter.Consts(
+        soc_rw2_per_s=o.soc_drift_per_sqrt_h**2 / _S_PER_H,
+        offset_rw2_per_s=o.current_offset_rw_a_per_sqrt_h**2 / _S_PER_H,
+        r_rw2_per_s=o.resistance_rw_per_sqrt_h**2 / _S_PER_H,
+        capacity2=o.capacity_error**2 * o.capacity_error_coherence,
+        gap2_per_s2=(o.gap_current_sd_c / _S_PER_H) ** 2,
+        current2=o.current_noise_a**2,
+        resistance2=o.resistance_model_error**2,
+        spread2=o.cell_resistance_spread**2,
+        ocv2=o.ocv_error_v**2,
+        cell_ocv2=o.cell_ocv_error_v**2,
+        cell_rw2=o.cell_offset_rw**2,
+        cell_rate_rw2=o.cell_rate_rw**2,
+        cell_r_rw2_per_s=o.cell_r_rw_per_sqrt_h**2 / _S_PER_H,
+        hyst_error=o.hyst_error,
+        conn_frac=o.connector_share / (1.0 + o.connector_share),
+        max_gap_s=o.max_gap_s,
+        ocv_error_corr_s=o.ocv_error_corr_s,
+        ocv_error_corr_soc=o.ocv_error_corr_soc,
+        t_ref_k=REFERENCE_TEMP_C + 273.15,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -980,445 +1040,11 @@ def _col(rows: F64, frac: F64, c: int) -> F64:
     return out
 
 
-def _interp(table2: F64, row: IP, soc: F64) -> F64:
-    """Interpolate a two-column (value, step) table at ``soc``."""
-    rows, frac = _lookup(table2, row, soc)
-    out: F64 = rows[:, 0] + rows[:, 1] * frac
-    return out
-
-
-class _TempFactor:
-    """The active packs' :meth:`~twin.chemistry.CellChemistry.temp_factor`, vectorised over packs.
-
-    ``ln f = const + slope * u + sum_j change_j * max(u - knot_j, 0)`` with ``u = 1/T - 1/T_ref``
-    (the chemistry's hinge form, exact for Arrhenius and for a piecewise-Arrhenius table); the
-    loop runs over the site's few table knots, never over packs. Knots no active pack uses and
-    an all-zero constant are dropped up front.
-    """
-
-    __slots__ = ("const", "hinges", "slope")
-
-    def __init__(self, c: _PackConst) -> None:
-        self.slope = c.tf_slope
-        self.const: F64 | None = c.tf_const if bool(np.any(c.tf_const)) else None
-        self.hinges = [
-            (np.ascontiguousarray(c.tf_knots[:, j]), np.ascontiguousarray(c.tf_changes[:, j]))
-            for j in range(c.tf_knots.shape[1])
-            if bool(np.any(c.tf_changes[:, j]))
-        ]
-
-    def __call__(self, temp_c: F64) -> F64:
-        """Return every active pack's resistance factor ``R(T)/R(25 °C)`` at ``temp_c``."""
-        u = 1.0 / (temp_c + _KELVIN) - 1.0 / _T_REF_K
-        expo = self.slope * u
-        for knot, change in self.hinges:
-            expo += change * np.maximum(u - knot, 0.0)
-        if self.const is not None:
-            expo += self.const
-        out: F64 = np.exp(expo)
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class _PackConst:
-    """Per-pack constants gathered for the active packs of one call to :func:`step`."""
-
-    row: IP
-    inv_q_as: F64
-    eta: F64
-    tau_s: F64
-    tau2_s: F64
-    gamma: F64
-    r0_ref_ohm: F64
-    r1_ref_ohm: F64
-    r2_ref_ohm: F64
-    r_series_cell_ohm: F64
-    tf_const: F64
-    tf_slope: F64
-    tf_knots: F64
-    tf_changes: F64
-    inv_series: F64
-    v_low_v: F64
-    v_high_v: F64
-    r_voltage_white: F64
-    r_cell_white: F64
-
-    @classmethod
-    def gather(cls, params: SocParams, active: IP) -> _PackConst:
-        """Take the active packs' rows (all of them without a copy when every pack is active)."""
-        everyone = active.size == params.packs.n_packs
-        values = {f.name: getattr(params, f.name) for f in fields(cls)}
-        return cls(**(values if everyone else {k: v[active] for k, v in values.items()}))
-
-
-@dataclass(frozen=True, slots=True)
-class _Noise:
-    """The options turned into the variances the filter adds (per second, per unit, ...)."""
-
-    soc_rw2_per_s: float
-    offset_rw2_per_s: float
-    r_rw2_per_s: float
-    capacity2: float
-    gap2_per_s2: float
-    current2: float
-    resistance2: float
-    spread2: float
-    ocv2: float
-    cell_ocv2: float
-    cell_rw2: float
-    cell_rate_rw2: float
-    cell_r_rw2_per_s: float
-    hyst_error: float
-    conn_frac: float
-
-    @classmethod
-    def from_options(cls, o: SocOptions) -> _Noise:
-        """Derive the variances from the options."""
-        return cls(
-            soc_rw2_per_s=o.soc_drift_per_sqrt_h**2 / _S_PER_H,
-            offset_rw2_per_s=o.current_offset_rw_a_per_sqrt_h**2 / _S_PER_H,
-            r_rw2_per_s=o.resistance_rw_per_sqrt_h**2 / _S_PER_H,
-            capacity2=o.capacity_error**2 * o.capacity_error_coherence,
-            gap2_per_s2=(o.gap_current_sd_c / _S_PER_H) ** 2,
-            current2=o.current_noise_a**2,
-            resistance2=o.resistance_model_error**2,
-            spread2=o.cell_resistance_spread**2,
-            ocv2=o.ocv_error_v**2,
-            cell_ocv2=o.cell_ocv_error_v**2,
-            cell_rw2=o.cell_offset_rw**2,
-            cell_rate_rw2=o.cell_rate_rw**2,
-            cell_r_rw2_per_s=o.cell_r_rw_per_sqrt_h**2 / _S_PER_H,
-            hyst_error=o.hyst_error,
-            conn_frac=o.connector_share / (1.0 + o.connector_share),
-        )
-
-
-def _sum6(terms: F64, axis: int) -> F64:
-    """Sum the six state terms along ``axis`` as ``np.einsum`` does (two lanes: 0+2+4, 1+3+5, then both).
-
-    The pack-first filter took ``P H^T`` and ``H P H^T`` with ``np.einsum``, whose kernels add
-    float64 products in 128-bit SIMD lanes; summing in the same order keeps every result the
-    same to the bit (checked by ``tests/test_speed_equivalence.py``).
-    """
-    t = np.moveaxis(terms, axis, 0)
-    out: F64 = ((t[0] + t[2]) + t[4]) + ((t[1] + t[3]) + t[5])
-    return out
-
-
-class _Bank:
-    """The active packs' filter while :func:`step` runs: mutable working arrays, local to one call.
-
-    The matrices are held pack-last (``cov[i, j]`` is every active pack's ``P_ij``, contiguous),
-    so each operation runs over the packs in one long inner loop instead of over a few states
-    per pack; :func:`_merge` puts them back pack-first. The arithmetic is that of the pack-first
-    form operation by operation, and the two matrix-vector sums are taken in the order
-    ``np.einsum`` takes them (:func:`_sum6`), so the results are the same to the bit.
-    """
-
-    def __init__(self, state: SocState, active: IP, params: SocParams) -> None:
-        self.c = _PackConst.gather(params, active)
-        self.o = params.options
-        self.noise = _Noise.from_options(params.options)
-        self.table = params.table
-        self.ocv_table = np.ascontiguousarray(params.table[:, _OCV : _OCV + 2])
-        self.rsoc_table = np.ascontiguousarray(params.table[:, _RSOC : _RSOC + 2])
-        x = state.x[active]
-        self.soc, self.vrc1, self.vrc2, self.hy, self.off, self.rs = (
-            np.ascontiguousarray(x[:, j]) for j in range(_N_STATES)
-        )
-        self.cov: F64 = np.ascontiguousarray(state.cov[active].transpose(1, 2, 0))  # (6, 6, n)
-        # Scratch for the covariance products, reused every sample: allocating fresh temporaries
-        # of this size costs as much as the arithmetic. self.cov is always the first of
-        # _cov_bufs and is rewritten in place only once it is no longer read.
-        self._cov_bufs = (self.cov, np.empty_like(self.cov), np.empty_like(self.cov))
-        self.cx: F64 = np.ascontiguousarray(state.cell_x[active].transpose(2, 1, 0))  # (3, 2, n)
-        self.ccov: F64 = np.ascontiguousarray(state.cell_cov[active].transpose(2, 3, 1, 0))  # (3, 3, 2, n)
-        self.last_ts: I64 = state.last_ts_ms[active]
-        self.last_i: F64 = state.last_current_a[active]
-        self.last_t: F64 = state.last_temp_c[active]
-        self.temp_factor = _TempFactor(self.c)
-        # The temperature factor at last_t: set by each correction, read by the next prediction.
-        self.tf: F64 = self.temp_factor(self.last_t)
-        n = active.size
-        self.n = n
-        self.n_gap = np.zeros(n, dtype=np.int64)
-        self.n_skip = np.zeros(n, dtype=np.int64)
-        self.n_done = np.zeros(n, dtype=np.int64)
-        # Packs whose SoC prior is still to be centred on their first valid reading.
-        self.pending: B = np.isnan(params.packs.soc0[active]) & (state.n_samples[active] == state.n_skipped[active])
-        self.any_pending = bool(self.pending.any())
-        self.soc0_std: F64 = params.packs.soc0_std[active]
-        self.chemistries = params.chemistries
-        # F = diag(d) + c e_off^T (only the offset column is off-diagonal), Q = diag(q), H row.
-        self.dvec = np.ones((_N_STATES, n))
-        self.cvec = np.zeros((_N_STATES, n))
-        self.qvec = np.zeros((_N_STATES, n))
-        self.hrow = np.empty((_N_STATES, n))
-        self.row2 = np.tile(self.c.row, 2)  # the weakest cells' rows, then the strongest cells'
-        self.cell_v: F64 = np.empty(0)  # (k, 2, n) cell_v_min_v and cell_v_max_v, set by step()
-
-    def _scratch(self) -> tuple[F64, F64, F64]:
-        """The covariance (written in place) and two scratch arrays of its shape."""
-        cov, a, b = self._cov_bufs
-        assert cov is self.cov
-        return cov, a, b
-
-    def predict(self, dt: F64, gap: B) -> F64:
-        """Propagate over ``dt`` with the held current; return the mean SoC's change."""
-        c, nz = self.c, self.noise
-        i_true = self.last_i - self.off
-        eff = np.where(i_true < 0.0, c.eta, 1.0)
-        dt_q = dt * c.inv_q_as * self._usable_share()
-        dsoc = -eff * i_true * dt_q
-        # The RC voltages are per unit of the resistance scale (the measurement multiplies them).
-        scale = _interp(self.rsoc_table, c.row, self.soc) * self.tf
-        r1 = c.r1_ref_ohm * scale
-        r2 = c.r2_ref_ohm * scale
-        x1 = -dt / c.tau_s
-        x2 = -dt / c.tau2_s
-        a1 = np.exp(x1)
-        one_a1 = -np.expm1(x1)
-        a2 = np.exp(x2)
-        one_a2 = -np.expm1(x2)
-        f = np.exp(-c.gamma * np.abs(i_true) * dt_q)
-        sgn = np.sign(i_true)
-        self.soc = self.soc + dsoc
-        g1 = one_a1 * r1
-        g2 = one_a2 * r2
-        self.vrc1 = a1 * self.vrc1 + g1 * i_true
-        self.vrc2 = a2 * self.vrc2 + g2 * i_true
-        cvec, dvec, qvec = self.cvec, self.dvec, self.qvec
-        cvec[_SOC] = eff * dt_q
-        cvec[_V1] = -g1
-        cvec[_V2] = -g2
-        cvec[_HY] = f * c.gamma * dt_q * sgn * (self.hy + sgn)
-        self.hy = f * self.hy - (1.0 - f) * sgn
-        dvec[_V1] = a1
-        dvec[_V2] = a2
-        dvec[_HY] = f
-        abs_dsoc = np.abs(dsoc)
-        gap_var = np.where(gap, nz.gap2_per_s2 * dt * dt, 0.0)
-        i_var = nz.current2 + nz.resistance2 * i_true * i_true
-        qvec[_SOC] = nz.current2 * (eff * dt_q) ** 2 + nz.capacity2 * abs_dsoc + nz.soc_rw2_per_s * dt + gap_var
-        qvec[_V1] = g1 * g1 * i_var
-        qvec[_V2] = g2 * g2 * i_var  # zero without a slow pair: that state stays at zero
-        qvec[_HY] = (nz.hyst_error * (1.0 - f)) ** 2
-        qvec[_OFF] = nz.offset_rw2_per_s * dt
-        qvec[_RS] = nz.r_rw2_per_s * dt
-        # P' = F P F^T + Q with F = diag(d) + c e_off^T: G = F P, then P' = G F^T (in the scratch).
-        cov, g, tmp = self._scratch()
-        np.multiply(dvec[:, None, :], cov, out=g)
-        g += np.multiply(cvec[:, None, :], cov[_OFF : _OFF + 1, :, :], out=tmp)
-        np.multiply(g, dvec[None, :, :], out=cov)
-        cov += np.multiply(g[:, _OFF : _OFF + 1, :], cvec[None, :, :], out=tmp)
-        cov.reshape(_N_STATES * _N_STATES, self.n)[:: _N_STATES + 1] += qvec
-        self._predict_cells(dt, dsoc, abs_dsoc)
-        return abs_dsoc
-
-    def _usable_share(self) -> F64:
-        """The string's usable capacity over its mean cell's, from the extreme cells' states.
-
-        The capacity prior is the string's usable capacity; the mean cell this filter counts
-        holds more: the usable capacity over ``held + room`` (the weakest cell's charge and
-        the strongest cell's room, in units of the mean cell's capacity). Both are 1 until
-        cell voltages place the extreme cells away from the mean.
-        """
-        cx = self.cx
-        rate_min, rate_max, plausible = _extreme_rates(cx[_CR])
-        held, room = _held_room(self.soc + cx[_CD, 0], self.soc + cx[_CD, 1], rate_min, rate_max)
-        # Trackers that make no sense (cell voltages inconsistent with the pack's, say) leave
-        # the count on the string's capacity.
-        return np.where(plausible, np.clip(held + room, _MIN_USABLE_SHARE, 1.0), 1.0)
-
-    def _predict_cells(self, dt: F64, dsoc: F64, abs_dsoc: F64) -> None:
-        """Move the extreme cells' offsets with their rates: ``d' = d + rate * dsoc``."""
-        nz = self.noise
-        cx, p = self.cx, self.ccov
-        cx[_CD] += cx[_CR] * dsoc
-        # P' = F P F^T with F = I + dsoc e_d e_rate^T: row d, then column d.
-        p[_CD] += dsoc * p[_CR]
-        p[:, _CD] += dsoc * p[:, _CR]
-        p[_CD, _CD] += nz.cell_rw2 * abs_dsoc
-        p[_CR, _CR] += nz.cell_rate_rw2 * abs_dsoc
-        p[_CX, _CX] += nz.cell_r_rw2_per_s * dt
-
-    def correct(self, k: int, samples: SocSamples, dt: F64, abs_dsoc: F64) -> None:
-        """Measurement update with the *k*-th samples (packs without one are left alone)."""
-        c, nz, o = self.c, self.noise, self.o
-        m = samples.mask[k]
-        i_k, t_k = samples.current_a[k], samples.temp_c[k]
-        i_ok = m & np.isfinite(i_k)
-        t_now = np.where(m & np.isfinite(t_k), t_k, self.last_t)
-        i_now = np.where(i_ok, i_k, self.last_i)
-        y = samples.voltage_v[k] * c.inv_series
-        valid = i_ok & np.isfinite(y) & (y > c.v_low_v) & (y < c.v_high_v)
-        if self.any_pending:
-            self._centre_prior(y, valid, i_now, t_now)
-        soc, hy, cov, rs = self.soc, self.hy, self.cov, self.rs
-        rows, frac = _lookup(self.table, c.row, soc)
-        ocv = _col(rows, frac, _OCV)
-        amp = _col(rows, frac, _HYST)
-        ocv_mean, slope, r_lin = self._ocv_statistics(ocv, soc, cov[_SOC, _SOC])
-        tf_now = self.temp_factor(t_now)
-        r0 = c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf_now  # per unit of the resistance scale
-        i_true = i_now - self.off
-        drop = r0 * i_true + self.vrc1 + self.vrc2  # ohmic and RC drop per unit scale
-        r_ser = c.r_series_cell_ohm
-        innov = y - (ocv_mean + amp * hy - rs * drop - r_ser * i_true)
-        hrow = self.hrow
-        hrow[_SOC] = slope + _col(rows, frac, _DHYST) * hy
-        hrow[_V1] = -rs
-        hrow[_V2] = -rs
-        hrow[_HY] = amp
-        hrow[_OFF] = rs * r0 + r_ser
-        hrow[_RS] = -drop
-        # Model errors (OCV table, resistances) are biases: they decorrelate after
-        # ocv_error_corr_soc of SoC travel or ocv_error_corr_s of time, whichever comes first,
-        # so the samples in between count as one.
-        corr = np.minimum(
-            o.ocv_error_corr_s / np.where(dt > 0.0, dt, o.ocv_error_corr_s),
-            o.ocv_error_corr_soc / np.maximum(abs_dsoc, _TINY),
-        )
-        np.maximum(corr, 1.0, out=corr)
-        r_meas = c.r_voltage_white + (nz.ocv2 + nz.resistance2 * (rs * drop) ** 2) * corr + r_lin
-        cov, post, tmp = self._scratch()
-        ph = _sum6(np.multiply(cov, hrow[None, :, :], out=tmp), axis=1)  # P H^T
-        s = _sum6(hrow * ph, axis=0) + r_meas
-        gain = np.where(valid, 1.0 / s, 0.0)
-        innov = np.where(valid, innov, 0.0)
-        kal = ph * gain
-        self.soc = np.clip(soc + kal[_SOC] * innov, *_SOC_LIMITS)
-        self.vrc1 = self.vrc1 + kal[_V1] * innov
-        self.vrc2 = self.vrc2 + kal[_V2] * innov
-        self.hy = np.clip(hy + kal[_HY] * innov, -1.0, 1.0)
-        self.off = self.off + kal[_OFF] * innov
-        self.rs = np.clip(rs + kal[_RS] * innov, *_R_SCALE_LIMITS)
-        np.subtract(cov, np.multiply(kal[:, None, :], ph[None, :, :], out=tmp), out=post)
-        # Keep the covariance exactly symmetric (rounding would otherwise skew it over millions of steps).
-        np.add(post, post.transpose(1, 0, 2), out=cov)
-        cov *= 0.5
-
-        # The extreme cells, from cell_v - y (the shared OCV level, hysteresis and most of the
-        # drop cancel): cell_v - y = OCV(soc + d) - OCV(soc) - m * dr + (connector + series) drop,
-        # with m the mean cell's drop (the cells' share: connectors are outside the cells).
-        m_cell = rs * (r0 * (1.0 - nz.conn_frac) * i_true + self.vrc1 + self.vrc2)
-        outside = (rs * r0 * nz.conn_frac + r_ser) * i_true
-        r_cell = c.r_cell_white + (nz.cell_ocv2 + nz.spread2 * m_cell * m_cell) * corr
-        base = (soc, ocv, slope, cov[_SOC, _SOC] * corr)
-        self._correct_cells(base, self.cell_v[k] - y, m_cell, outside, r_cell, valid)
-        self.last_ts = np.where(m, samples.ts_ms[k], self.last_ts)
-        self.last_i = i_now
-        self.last_t = t_now
-        self.tf = tf_now
-        self.n_skip += m & ~valid
-        self.n_done += m
-
-    def _centre_prior(self, y: F64, valid: B, i_now: F64, t_now: F64) -> None:
-        """Centre the SoC prior of packs without one on their first valid reading, where it matters.
-
-        Where the reading pins the SoC (a sloped OCV), the filter finds it from any centre
-        within minutes, and the prior stays as it is (50 %, ``soc0_std``). Where it cannot
-        (the LFP plateau, whose hysteresis state is unknown), the prior's centre decides where
-        the estimate settles among the (SoC, hysteresis) pairs that explain the voltage
-        equally well: from 50 %, a pack resting at 66 % settled at 60 %. There the prior is
-        centred on the reading: the OCV the measurement model gives for it with the filter's
-        own RC voltages and hysteresis state (zero and the prior's mean, unless current has
-        flowed while the voltage was missing), through the chemistry's table. Its spread is
-        what the reading leaves open (the OCV table's error and the hysteresis state's
-        spread; the RC voltages are a transient the next minutes resolve) over the OCV's
-        mean slope within 5 % of the centre, at most ``soc0_std``; it is centred when that
-        spread exceeds 5 %. Its correlations start at zero.
-        """
-        c, o = self.c, self.o
-        go = self.pending & valid  # the same readings as the measurement update takes
-        if not go.any():
-            return
-        # y = OCV(s) + amp(s) hy - rs (r0(s) i + v1 + v2) - r_series i, solved for OCV(s); the
-        # resistance's SoC shape and the hysteresis amplitude are read at 50 %, then again at
-        # the centre found.
-        i_true = i_now - self.off
-        known = y + self.rs * (self.vrc1 + self.vrc2) + c.r_series_cell_ohm * i_true
-        tf = self.temp_factor(t_now)
-        centre = np.full(self.n, 0.5)
-        for _ in range(2):
-            rows, frac = _lookup(self.table, c.row, centre)
-            ocv = (
-                known
-                + c.r0_ref_ohm * _col(rows, frac, _RSOC) * tf * self.rs * i_true
-                - _col(rows, frac, _HYST) * self.hy
-            )
-            for index in np.unique(c.row[go]):
-                pick = go & (c.row == index)
-                centre[pick] = self.chemistries[int(index) // GRID_POINTS].soc_from_ocv(ocv[pick])
-        lo, hi = np.clip(centre - _CENTRE_SPAN, 0.0, 1.0), np.clip(centre + _CENTRE_SPAN, 0.0, 1.0)
-        secant = (_col(*_lookup(self.table, c.row, hi), _OCV) - _col(*_lookup(self.table, c.row, lo), _OCV)) / (hi - lo)
-        amp = _col(*_lookup(self.table, c.row, centre), _HYST)
-        hy_var = np.maximum(self.cov[_HY, _HY], 0.0)
-        spread_v = np.sqrt(o.ocv_error_v**2 + amp * amp * hy_var + c.r_voltage_white)
-        move = go & (spread_v > _OPEN_SOC * secant)
-        self.soc = np.where(move, centre, self.soc)
-        keep = ~move
-        self.cov[_SOC] *= keep
-        self.cov[:, _SOC] *= keep
-        std0 = np.minimum(spread_v / np.maximum(secant, _TINY), self.soc0_std)
-        self.cov[_SOC, _SOC] += np.where(move, std0**2, 0.0)
-        self.pending &= ~go
-        self.any_pending = bool(self.pending.any())
-
-    def _ocv_statistics(self, ocv: F64, soc: F64, var_soc: F64) -> tuple[F64, F64, F64]:
-        """Return the OCV's mean, slope and linearisation variance over the SoC prior.
-
-        Statistical linearisation with the 3-point Gauss-Hermite rule: with a wide prior on
-        a curved OCV (LFP's flat plateau and steep ends) the tangent would make the first
-        updates jump into the wrong region and collapse the covariance there.
-        """
-        var = np.maximum(var_soc, 0.0)
-        half = np.maximum(_SQRT3 * np.sqrt(var), _SL_MIN_HALF_WIDTH)
-        ocv_lo = _interp(self.ocv_table, self.c.row, soc - half)
-        ocv_hi = _interp(self.ocv_table, self.c.row, soc + half)
-        mean = _W0 * ocv + _W1 * (ocv_lo + ocv_hi)
-        slope = (ocv_hi - ocv_lo) / (2.0 * half)
-        spread = _W0 * (ocv - mean) ** 2 + _W1 * ((ocv_lo - mean) ** 2 + (ocv_hi - mean) ** 2)
-        r_lin: F64 = np.maximum(spread - slope * slope * var, 0.0)
-        return mean, slope, r_lin
-
-    def _correct_cells(
-        self, base: tuple[F64, F64, F64, F64], z: F64, m_cell: F64, outside: F64, r_cell: F64, valid: B
-    ) -> None:
-        """Update both extreme cells (``z``: ``(2, n)`` cell voltage minus the mean cell's).
-
-        The hysteresis amplitude varies little between the cells of a string, so its term
-        cancels in the difference. The mean SoC's own error moves ``OCV(soc + d) - OCV(soc)``
-        by the difference of the two slopes: a slowly varying error (``base[3]`` is its
-        variance times the correlation factor), large where the cell is on a steep end of a
-        flat OCV and the mean on the plateau.
-        """
-        soc, ocv, slope, var_soc = base
-        cx, p = self.cx, self.ccov
-        n = self.n
-        s_cell = (soc + cx[_CD]).reshape(-1)
-        rows, frac = _lookup(self.ocv_table, self.row2, s_cell)
-        ocv_cell = (rows[:, 0] + rows[:, 1] * frac).reshape(2, n)
-        slope_cell = (rows[:, 1] * (GRID_POINTS - 1)).reshape(2, n)
-        pred = ocv_cell - ocv - m_cell * cx[_CX] + outside
-        # H = [slope_cell, 0, -m]: P H^T from two columns of P.
-        ph = p[:, _CD] * slope_cell - p[:, _CX] * m_cell
-        s = slope_cell * ph[_CD] - m_cell * ph[_CX]
-        s += r_cell + (slope_cell - slope) ** 2 * var_soc
-        ok = valid & np.isfinite(z)
-        gain = np.where(ok, 1.0 / s, 0.0)
-        innov = np.where(ok, z - pred, 0.0) * gain
-        cx += ph * innov
-        # P -= P H^T H P / s, formed from the outer product so it stays exactly symmetric.
-        p -= ph[:, None] * ph[None, :] * gain
-        np.clip(cx[_CD, 0], -_CELL_OFFSET_LIMIT, 0.0, out=cx[_CD, 0])
-        np.clip(cx[_CD, 1], 0.0, _CELL_OFFSET_LIMIT, out=cx[_CD, 1])
-        np.clip(cx[_CR], *_CELL_RATE_LIMITS, out=cx[_CR])
-        np.clip(cx[_CX], *_CELL_R_LIMITS, out=cx[_CX])
-
-
 def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
     """Run the filter over a reshaped batch and return the new state (pure: the inputs are not modified).
+
+    The recursion runs compiled, one pass over each active pack's samples
+    (:func:`twin.estimators._soc_filter.run`), on copies of the active packs' rows.
 
     Args:
         state: the state before the batch.
@@ -1431,46 +1057,53 @@ def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
     act = samples.packs
     if act.size == 0:
         return _with_counters(state, samples)
-    bank = _Bank(state, act, params)
-    bank.cell_v = np.stack((samples.cell_v_min_v, samples.cell_v_max_v), axis=1)
-    max_gap_s = params.options.max_gap_s
-    for k in range(samples.mask.shape[0]):
-        m = samples.mask[k]
-        started = bank.last_ts != _NO_TS
-        dt = np.where(m & started, (samples.ts_ms[k] - bank.last_ts) * 1e-3, 0.0)
-        gap = dt > max_gap_s
-        bank.n_gap += gap
-        abs_dsoc = bank.predict(dt, gap)
-        bank.correct(k, samples, dt, abs_dsoc)
-    return _merge(state, samples, bank)
-
-
-def _merge(state: SocState, samples: SocSamples, bank: _Bank) -> SocState:
-    """Write the active packs' filter back into a new state."""
-    act = samples.packs
+    x, cov, cell_x, cell_cov = state.x[act], state.cov[act], state.cell_x[act], state.cell_cov[act]
+    last_ts, last_i, last_t = state.last_ts_ms[act], state.last_current_a[act], state.last_temp_c[act]
+    # Packs whose SoC prior is still to be centred on their first valid reading.
+    pending = np.isnan(params.packs.soc0[act]) & (state.n_samples[act] == state.n_skipped[act])
+    counts = samples.mask.sum(axis=0, dtype=np.int64)
+    out = np.zeros((act.size, 3), dtype=np.int64)
+    grids = _soc_filter.Samples(
+        *(_readonly(getattr(samples, f)) for f in _soc_filter.Samples._fields),
+    )
+    owner = {"soc0_std": params.packs}  # the rest are SocParams' own
+    packs = _soc_filter.PackConsts(
+        *(_readonly(getattr(owner.get(f, params), f)[act]) for f in _soc_filter.PackConsts._fields)
+    )
+    _soc_filter.run(
+        x, cov, cell_x, cell_cov, last_ts, last_i, last_t, pending, counts, out,
+        grids, packs, params.table, params.inverse_ocv, params.consts,
+    )  # fmt: skip
 
     def put(old: Any, new: Any) -> Any:
-        out = old.copy()
-        out[act] = new
-        return out
+        merged = old.copy()
+        merged[act] = new
+        return merged
 
     return SocState(
         pack_ids=state.pack_ids,
-        x=put(state.x, np.column_stack([bank.soc, bank.vrc1, bank.vrc2, bank.hy, bank.off, bank.rs])),
-        cov=put(state.cov, bank.cov.transpose(2, 0, 1)),
-        cell_x=put(state.cell_x, bank.cx.transpose(2, 1, 0)),
-        cell_cov=put(state.cell_cov, bank.ccov.transpose(3, 2, 0, 1)),
-        last_ts_ms=put(state.last_ts_ms, bank.last_ts),
-        last_current_a=put(state.last_current_a, bank.last_i),
-        last_temp_c=put(state.last_temp_c, bank.last_t),
-        n_samples=put(state.n_samples, state.n_samples[act] + bank.n_done),
+        x=put(state.x, x),
+        cov=put(state.cov, cov),
+        cell_x=put(state.cell_x, cell_x),
+        cell_cov=put(state.cell_cov, cell_cov),
+        last_ts_ms=put(state.last_ts_ms, last_ts),
+        last_current_a=put(state.last_current_a, last_i),
+        last_temp_c=put(state.last_temp_c, last_t),
+        n_samples=put(state.n_samples, state.n_samples[act] + out[:, 2]),
         n_duplicate=state.n_duplicate + samples.n_duplicate,
         n_late=state.n_late + samples.n_late,
-        n_gap=put(state.n_gap, state.n_gap[act] + bank.n_gap),
-        n_skipped=put(state.n_skipped, state.n_skipped[act] + bank.n_skip),
+        n_gap=put(state.n_gap, state.n_gap[act] + out[:, 0]),
+        n_skipped=put(state.n_skipped, state.n_skipped[act] + out[:, 1]),
         n_ignored=state.n_ignored + samples.n_ignored,
         watermark_ms=max(state.watermark_ms, int(samples.ts_ms[samples.mask].max())),
     )
+
+
+def _readonly(values: Any) -> Any:
+    """A read-only view: the kernel is compiled for read-only inputs, whatever their origin."""
+    view = values.view()
+    view.flags.writeable = False
+    return view
 
 
 def _with_counters(state: SocState, samples: SocSamples) -> SocState:
