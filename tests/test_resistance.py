@@ -249,6 +249,99 @@ def test_gaps_and_nan_rows_are_handled_as_documented() -> None:
     assert np.all(np.abs(est.resistance_ohm_25c / true - 1.0) < 0.08)
 
 
+def holed_frame() -> pl.DataFrame:
+    """Ten minutes of the META packs with what the compiled recursion must get right.
+
+    lfp-b stops for 100 s (a restart) and comes back with a NaN current, and has NaN currents
+    every 53 s; nmc-a has NaN voltages every 61 s, no temperature for its first 100 s and a
+    duplicated row; lmo-c only reports in its first two and its last three minutes (windows
+    without it); a row of an unknown pack.
+    """
+    frame, _ = oracle_frame(600, seed=9)
+    t = (pl.col("ts_ms") - T0_MS) // 1000
+    lfp, nmc = pl.col("pack") == "lfp-b", pl.col("pack") == "nmc-a"
+    nan_i = lfp & ((t == 300) | (t % 53 == 0))
+    frame = frame.filter(~(lfp & (t > 200) & (t < 300)) & ~((pl.col("pack") == "lmo-c") & (t >= 120) & (t < 420)))
+    frame = frame.with_columns(
+        pl.when(nan_i).then(np.nan).otherwise(pl.col("current_a")).alias("current_a"),
+        pl.when(nmc & (t % 61 == 0)).then(np.nan).otherwise(pl.col("voltage_v")).alias("voltage_v"),
+        pl.when(nmc & (t < 100)).then(None).otherwise(pl.col("temp_avg_c")).alias("temp_avg_c"),
+    )
+    extra = pl.concat([frame.filter(nmc).slice(250, 1), frame.head(1).with_columns(pl.lit("ghost").alias("pack"))])
+    return pl.concat([frame, extra]).sort("ts_ms", "pack")
+
+
+def _assert_same_state(
+    a: ResistanceState, b: ResistanceState, i: slice | int = slice(None), j: slice | int = slice(None)
+) -> None:
+    for name in ResistanceState._ARRAYS:
+        np.testing.assert_array_equal(getattr(a, name)[i], getattr(b, name)[j], err_msg=name)
+
+
+def test_ragged_batches_with_holes_give_the_state_of_one_batch() -> None:
+    """Packs are independent and a sample is a sample however the rows are cut, to the bit.
+
+    The recursion runs over ``(k, pack)`` grids in which packs have different numbers of
+    samples (none at all in some windows): the state must not depend on that layout.
+    """
+    frame = holed_frame()
+    whole = ResistanceTracker.from_meta(META)
+    whole.update(frame)
+    windowed = ResistanceTracker.from_meta(META)
+    keyed = frame.with_columns(((pl.col("ts_ms") - T0_MS) // 60_000).alias("_w"))
+    for window in keyed.partition_by("_w", maintain_order=True, include_key=False):
+        before = windowed.snapshot()
+        windowed.update(window)
+        for i, pack in enumerate(META["pack"]):
+            if pack not in window["pack"]:  # a pack without samples is left exactly as it was
+                _assert_same_state(windowed.snapshot(), before, i, i)
+    by_row = ResistanceTracker.from_meta(META)
+    by_row.update(frame.filter(pl.col("ts_ms") < T0_MS + 180_000))
+    across_the_restart = frame.filter(pl.col("ts_ms").is_between(T0_MS + 180_000, T0_MS + 320_000, closed="left"))
+    for part in across_the_restart.iter_slices(1):
+        by_row.update(part)  # one sample at a time
+    by_row.update(frame.filter(pl.col("ts_ms") >= T0_MS + 320_000))
+    for other in (windowed, by_row):
+        _assert_same_state(whole.snapshot(), other.snapshot())
+    for i in range(META.height):  # a tracker of one pack, fed every row
+        alone = ResistanceTracker.from_meta(META.slice(i, 1))
+        alone.update(frame)
+        _assert_same_state(whole.snapshot(), alone.snapshot(), i, 0)
+    state, counters = whole.snapshot(), whole.counters()
+    bad = frame.filter(pl.col("pack") != "ghost").unique(["pack", "ts_ms"])
+    assert counters["skipped"] == bad.filter(pl.col("current_a").is_nan() | pl.col("voltage_v").is_nan()).height
+    assert (counters["duplicate"], counters["ignored"]) == (1, 1)
+    assert state.warm_n[1] == 300  # lfp-b restarted after its 100 s gap: samples since then
+    assert np.all(np.isfinite(state.r25_ohm) & np.isfinite(state.temp_c))
+    # A SoC given per pack (held over the batch, one row in the grid; NaN: the last SoC) is
+    # the SoC column holding the same values.
+    soc = np.array([0.4, np.nan, 0.7])
+    given, column = ResistanceTracker.from_meta(META), ResistanceTracker.from_meta(META)
+    for window in keyed.partition_by("_w", maintain_order=True, include_key=False):
+        given.update(window.drop("soc"), soc=soc)
+        column.update(
+            window.with_columns(pl.col("pack").replace_strict(list(META["pack"]), list(soc), default=0.5).alias("soc"))
+        )
+    _assert_same_state(given.snapshot(), column.snapshot())
+
+
+def test_compiled_kernels_match_their_python_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba's typing (bools added to counts, tuples of options, in-place updates) keeps Python's meaning."""
+    from twin.estimators import resistance
+
+    frame = holed_frame()
+    compiled = ResistanceTracker.from_meta(META)
+    compiled.update(frame)
+    for name in ("_condition", "_filter"):  # (under NUMBA_DISABLE_JIT=1 they are Python already)
+        kernel = getattr(resistance, name)
+        monkeypatch.setattr(resistance, name, getattr(kernel, "py_func", kernel))
+    python = ResistanceTracker.from_meta(META)
+    python.update(frame)
+    for name in ResistanceState._ARRAYS:
+        a, b = getattr(compiled.snapshot(), name), getattr(python.snapshot(), name)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0.0, equal_nan=True, err_msg=name)  # libm vs numpy exp
+
+
 def test_bad_input_is_refused() -> None:
     with pytest.raises(EstimatorError, match="step_sigmas"):
         ResistanceOptions(step_sigmas=0.0)
