@@ -225,6 +225,7 @@ def run(
         waiting = pending[a]
         n_gap = 0
         n_skip = 0
+        dt_seen, a1, one_a1, a2, one_a2 = math.nan, 1.0, 0.0, 1.0, 0.0
         for j in range(counts[a]):
             # -- prediction over dt with the held current -------------------------------------
             dt = (s.ts_ms[j, a] - ts_prev) * 1e-3 if ts_prev != NO_TS else 0.0
@@ -239,12 +240,14 @@ def run(
             scale = _col(table, r_, f_, RSOC) * tf
             r1 = pc.r1_ref_ohm[a] * scale
             r2 = pc.r2_ref_ohm[a] * scale
-            x1 = -dt / pc.tau_s[a]
-            x2 = -dt / pc.tau2_s[a]
-            a1 = math.exp(x1)
-            one_a1 = -math.expm1(x1)
-            a2 = math.exp(x2)
-            one_a2 = -math.expm1(x2)
+            if dt != dt_seen:  # regular telemetry repeats its interval: the RC decays are reused
+                dt_seen = dt
+                x1 = -dt / pc.tau_s[a]
+                x2 = -dt / pc.tau2_s[a]
+                a1 = math.exp(x1)
+                one_a1 = -math.expm1(x1)
+                a2 = math.exp(x2)
+                one_a2 = -math.expm1(x2)
             f = math.exp(-pc.gamma[a] * abs(i_true) * dt_q)
             sgn = np.sign(i_true)
             soc = soc + dsoc
@@ -312,7 +315,7 @@ def run(
             slope = (ocv_hi - ocv_lo) / (2.0 * half)
             spread = W0 * (ocv - ocv_mean) ** 2 + W1 * ((ocv_lo - ocv_mean) ** 2 + (ocv_hi - ocv_mean) ** 2)
             r_lin = max(spread - slope * slope * var, 0.0)
-            tf_now = temp_factor(*tf_args, t_now, k.t_ref_k)
+            tf_now = tf if t_now == t_prev else temp_factor(*tf_args, t_now, k.t_ref_k)
             r0 = pc.r0_ref_ohm[a] * _col(table, r_, f_, RSOC) * tf_now  # per unit of the resistance scale
             i_true = i_now - off
             drop = r0 * i_true + vrc1 + vrc2  # ohmic and RC drop per unit scale
