@@ -23,6 +23,7 @@ import twin.alerts
 from tests.test_state import SITE, T0, feed, meta, telemetry
 from twin.alerts import _LAST, _STUCK, AlertEngine, AlertOptions, _aggregate
 from twin.estimators._soc_filter import _dot6
+from twin.estimators.base import group_time_order
 from twin.replay import _Windowed
 from twin.state import CoreOptions, TwinCore
 
@@ -260,3 +261,16 @@ def test_alert_engine_with_the_numpy_aggregation_agrees_with_the_polars_one(
         assert _engine_state(fast) == _engine_state(slow)
     assert fast.counters["late_rows"] > 0
     assert fast.counters["raised"] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("groups", [3, 805, 70_000])
+def test_group_time_order_is_lexsorts(seed: int, groups: int) -> None:
+    """The two-pass order (time, then group by radix) is ``np.lexsort``'s, ties and disorder included."""
+    rng = np.random.default_rng(seed)
+    n = 5_000
+    group = rng.integers(-1, groups, n)
+    ts = np.repeat(np.arange(n // 5) * 1000, 5)[rng.permutation(n) if seed else slice(None)]
+    ts[rng.integers(0, n, 50)] = ts[0]  # ties in time across groups
+    np.testing.assert_array_equal(group_time_order(group, ts), np.lexsort((ts, group)))
+    assert group_time_order(group[:0], ts[:0]).size == 0

@@ -117,6 +117,7 @@ from numpy.typing import NDArray
 from twin import contract as c
 from twin.chemistry import get_chemistry
 from twin.config import AlertSettings, Settings
+from twin.estimators.base import group_time_order
 from twin.replay import ReplayOptions, ReplayWindow, RunFolder, replay_run
 from twin.state import CoreOptions, TwinCore
 
@@ -1411,11 +1412,7 @@ def _aggregate(rows: pl.DataFrame, key: I64) -> pl.DataFrame:
     if rows.height == 0:
         return pl.DataFrame(schema=_AGG_SCHEMA)
     ts_raw = rows.get_column("ts_ms").to_numpy()
-    lo, span, width = int(ts_raw.min()), int(ts_raw.max()) - int(ts_raw.min()) + 1, int(key.max()) + 1
-    if width < (1 << 62) // span:  # one integer: a stable sort of it is a stable sort by (key, ts_ms)
-        order = np.argsort(key * span + (ts_raw - lo), kind="stable")
-    else:
-        order = np.lexsort((ts_raw, key))
+    order = group_time_order(key, ts_raw)
     k = key[order]
     ts = ts_raw[order]
     bounds = np.flatnonzero(k[1:] != k[:-1]) + 1

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
+from twin.estimators.base import group_time_order
 from twin.estimators.capacity import CapacityOptions, CapacityState, CapacityTracker
 from twin.estimators.energy import EnergyPacks, OutlookOptions, SiteOutlook, site_outlook, site_soc_weights
 from twin.estimators.health import HealthOptions, HealthState, HealthTracker, prior_soh
@@ -287,7 +288,7 @@ class SiteEstimation:
         if frame.get_column("ts_ms").null_count():
             frame = frame.filter(pl.col("ts_ms").is_not_null())
         p_all, t_all = frame.get_column("_p").to_numpy(), frame.get_column("ts_ms").to_numpy()
-        order = _pack_time_order(p_all, t_all)
+        order = group_time_order(p_all, t_all)
         p, t = p_all[order], t_all[order]
         once = np.ones(p.size, dtype=np.bool_)
         once[1:] = (p[1:] != p[:-1]) | (t[1:] != t[:-1])
@@ -530,17 +531,6 @@ def expected_soh(meta: pl.DataFrame, options: EstimationOptions) -> tuple[dict[s
     """
     at_ms = int(meta.get_column("ts_ms").max()) if meta.height else 0  # type: ignore[arg-type]
     return prior_soh(meta, at_ms, options.health)
-
-
-def _pack_time_order(pack: NDArray[np.int64], ts_ms: NDArray[np.int64]) -> NDArray[np.intp]:
-    """The rows' order by pack, then time; rows equal in both keep their order (a stable sort)."""
-    if pack.size == 0:
-        return np.zeros(0, dtype=np.intp)
-    low = int(ts_ms.min())
-    span = int(ts_ms.max()) - low + 1
-    if int(pack.max()) + 1 < (1 << 62) // span:  # one integer key sorts both at once
-        return np.argsort(pack * span + (ts_ms - low), kind="stable")
-    return np.lexsort((ts_ms, pack))
 
 
 def _carry_over(old: SocState, fresh: SocState) -> SocState:

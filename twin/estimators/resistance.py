@@ -112,6 +112,7 @@ from twin.estimators.base import (
     check_columns,
     check_names,
     check_non_negative,
+    group_time_order,
     register,
 )
 from twin.estimators.soc import PackInfo
@@ -464,7 +465,7 @@ def _grid(batch: pl.DataFrame, enum: pl.Enum, last_ts_ms: I64, soc: F64 | None) 
     pidx = frame.get_column("pack").to_numpy()
     ts = frame.get_column("ts_ms").to_numpy()
     known = (pidx >= 0) & (ts >= 0)
-    order = np.lexsort((ts, pidx))
+    order = group_time_order(pidx, ts)
     order = order[known[order]]
     pidx, ts = pidx[order], ts[order]
     repeat = np.zeros(pidx.size, dtype=np.bool_)

@@ -218,6 +218,7 @@ from twin.estimators.base import (
     check_names,
     check_non_negative,
     check_pack_ids,
+    group_time_order,
     register,
 )
 
@@ -938,7 +939,7 @@ def samples_from_frame(batch: pl.DataFrame, params: SocParams, last_ts_ms: I64) 
     ts = frame.get_column("ts_ms").to_numpy()
     known = (pidx >= 0) & (ts >= 0)
     n_ignored = int(np.count_nonzero(~known))
-    order = np.lexsort((ts, pidx))
+    order = group_time_order(pidx, ts)
     order = order[known[order]]
     pidx, ts = pidx[order], ts[order]
     # Duplicates within the batch: the first row of each (pack, ts) in the batch's order wins.
