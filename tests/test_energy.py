@@ -322,6 +322,50 @@ def test_runtime_agrees_with_a_slow_reference_simulation(share_of_limit: float, 
     assert runtime(power) == pytest.approx(expected, rel=0.02)
 
 
+def test_dispatch_clips_packs_one_after_another_as_the_power_grows() -> None:
+    """The compiled dispatch against the iterative water-filling, at every number of clipped packs.
+
+    The runs above clip a pack or two; here the power sweeps the levels at which each pack
+    reaches its cap (``cap / weight``), so the fill level is found with 0, 1, ... all packs
+    at their caps, with two packs clipping at the same level, packs left out (weight 0) and
+    one with no power left (cap 0), then beyond the sum of the caps.
+    """
+    rng = np.random.default_rng(4)
+    n = 30
+    weight = rng.uniform(1.0, 10.0, n)
+    cap = weight * rng.uniform(50.0, 500.0, n)
+    weight[[3, 17]] = 0.0  # left out
+    cap[[3, 17, 21]] = 0.0  # and one at its limit already
+    weight[5], cap[5], weight[6], cap[6] = 2.0, 500.0, 4.0, 1000.0  # the same level, 250 W per unit of weight
+    live = np.flatnonzero((weight > 0.0) & (cap > 0.0))
+    order = live[np.argsort(cap[live] / weight[live], kind="stable")]
+    tied = int(np.flatnonzero(order == 5)[0])
+    assert order[tied + 1] == 6
+    # The power at which each pack clips: the caps below its level, plus its level times the weight from it on.
+    levels = cap[order] / weight[order]
+    from_it_on = np.cumsum(weight[order][::-1])[::-1]
+    clips_at = np.concatenate(([0.0], np.cumsum(cap[order])[:-1])) + levels * from_it_on
+    between = 0.5 * (np.concatenate(([0.0], clips_at[:-1])) + clips_at)
+    clipped_counts = set()
+    for total in [*between, *clips_at, 1.1 * cap.sum()]:
+        share = np.full(n, np.nan)
+        unserved = energy_module._dispatch(float(total), weight, cap, share)
+        expected = _water_fill_loop(float(total), weight.tolist(), cap.tolist())
+        np.testing.assert_allclose(share, expected, rtol=1e-12, atol=1e-9 * total)
+        assert unserved == pytest.approx(max(total - cap.sum(), 0.0), abs=1e-9 * total)
+        assert np.all(share <= cap)
+        clipped_counts.add(int(np.sum(share[live] >= cap[live] * (1.0 - 1e-12))))
+    # Every count of packs at their caps was met, but one: the tied pair clip together.
+    assert clipped_counts == set(range(live.size + 1)) - {tied + 1}
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 127, 128, 129, 256, 257, 805, 1000, 4099])
+def test_kernel_sums_add_in_numpys_order(n: int) -> None:
+    """The kernels' sum is numpy's to the bit (its pairwise order): the simulation's results are the numpy version's."""
+    draws = np.random.default_rng(n).uniform(1e3, 1e5, (8, n))  # like the packs' energies, Wh
+    assert [energy_module._sum(a) for a in draws] == [a.sum() for a in draws]
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. The site outlook
 # ------------------------------------------------------------------------------------------------

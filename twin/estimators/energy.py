@@ -71,8 +71,9 @@ conditional mean of its error given the site's), so each scenario's site energy 
 :func:`time_to_floor_s` call together: the three scenarios at the battery power and the
 three at the load side by side (one call of three when the two powers are equal).
 
-Everything is numpy over packs (and scenarios); the only Python loops are over time steps
-and over the (at most four) chemistries.
+Everything is numpy over packs (and scenarios) but the forward simulation's steps, a loop
+numpy cannot vectorise, which is compiled (numba); the only Python loops are over the (at
+most four) chemistries.
 
 Sign convention: current and power are positive on discharge. SoC is a fraction.
 """
@@ -89,6 +90,7 @@ import numpy as np
 import polars as pl
 from numpy.typing import NDArray
 
+from twin._jit import kernel
 from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
 from twin.estimators.base import EstimatorError, check_columns, check_non_negative, check_pack_ids
 
@@ -136,7 +138,9 @@ class _Tables:
 
     ``ocv``/``docv``: cell OCV at the grid point and its change to the next point, V;
     ``cum_ocv``: ∫_0^s OCV ds at the grid point, V (per unit SoC); ``rsoc``/``drsoc``: the
-    resistance SoC factor and its change; ``cum_rsoc``: ∫_0^s soc_factor ds.
+    resistance SoC factor and its change; ``cum_rsoc``: ∫_0^s soc_factor ds. ``points``: the
+    columns ``ocv, docv, cum_ocv, rsoc, drsoc`` side by side, a row per grid point, for the
+    simulation kernel: a pack's look-up reads one place in memory, not five.
     """
 
     chemistries: tuple[CellChemistry, ...]
@@ -146,6 +150,7 @@ class _Tables:
     rsoc: F64
     drsoc: F64
     cum_rsoc: F64
+    points: F64
 
 
 def _cumulative(values: F64) -> F64:
@@ -164,14 +169,18 @@ def _tables(names: tuple[str, ...]) -> _Tables:
     chems = tuple(get_chemistry(n) for n in names)
     ocv = [np.asarray(c.ocv(grid), dtype=np.float64) for c in chems]
     rsoc = [np.asarray(c.soc_factor(grid), dtype=np.float64) for c in chems]
+    columns = {
+        "ocv": np.concatenate(ocv),
+        "docv": np.concatenate([_step_to_next(v) for v in ocv]),
+        "cum_ocv": np.concatenate([_cumulative(v) for v in ocv]),
+        "rsoc": np.concatenate(rsoc),
+        "drsoc": np.concatenate([_step_to_next(v) for v in rsoc]),
+    }
     tables = _Tables(
         chemistries=chems,
-        ocv=np.concatenate(ocv),
-        docv=np.concatenate([_step_to_next(v) for v in ocv]),
-        cum_ocv=np.concatenate([_cumulative(v) for v in ocv]),
-        rsoc=np.concatenate(rsoc),
-        drsoc=np.concatenate([_step_to_next(v) for v in rsoc]),
+        **columns,
         cum_rsoc=np.concatenate([_cumulative(v) for v in rsoc]),
+        points=np.stack(list(columns.values()), axis=1),
     )
     for f in fields(tables):
         value = getattr(tables, f.name)
@@ -529,57 +538,248 @@ class OutlookOptions:
             raise EstimatorError(msg)
 
 
-def _water_fill(total: float | F64, weight: F64, cap: F64) -> tuple[F64, F64]:
-    """Share ``total`` along the last axis in proportion to ``weight``, no share above ``cap``.
+# The forward simulation is compiled (numba, :func:`twin._jit.kernel`). A step of one scenario
+# makes a few passes over the packs, each a short loop, so that the arithmetic ones vectorise:
+# the look-up of the tables (gathers, one pack at a time), the limits, the dispatch (a sum,
+# the proportional shares and, rarely, the water-filling) and the step. The arithmetic is
+# that of the numpy implementation it replaced, operation for operation and in the same
+# order (numpy's pairwise sums included), so the results are the same to the bit: another
+# rounding could move the step at which a run fails.
 
-    Row by row (every leading index is one problem), exactly: a pack clips at the fill
-    level ``cap / weight``; with the levels sorted, the power delivered at each level is
-    a cumulative sum, and the level that delivers ``total`` is found by counting. ``weight``
-    and ``cap`` must be >= 0, and ``cap`` 0 where ``weight`` is; ``total`` is one number, or
-    one per row.
+_AT_ROWS: Final = 6  # the look-up: fraction of the grid step, then the columns of _Tables.points
+_PACK_ROWS: Final = 5  # the limits: energy to the floor, power cap, Voc, R, current limit
 
-    Returns:
-        (shares, unserved): per-pack shares and, per row, what no pack could take.
+
+@kernel
+def _block_sum(a: F64, start: int, n: int) -> float:
+    """Sum of ``a[start:start + n]``, ``n <= 128``, as numpy adds such a block: in eight running sums."""
+    if n < 8:
+        total = 0.0
+        for i in range(start, start + n):
+            total += a[i]
+        return total
+    r0, r1, r2, r3 = a[start], a[start + 1], a[start + 2], a[start + 3]
+    r4, r5, r6, r7 = a[start + 4], a[start + 5], a[start + 6], a[start + 7]
+    end = start + n - n % 8
+    for i in range(start + 8, end, 8):
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(end, start + n):
+        total += a[i]
+    return float(total)
+
+
+@kernel
+def _sum(a: F64) -> float:
+    """``a.sum()`` to the bit: numpy's pairwise summation, halving down to blocks of at most 128.
+
+    numba cannot cache a recursive function (it crashes loading it), so numpy's recursion is
+    walked with two stacks: the halves still to sum, and the sums of left halves waiting for
+    their right half (the next sum at the same depth).
     """
-    total_row = np.asarray(total, dtype=np.float64)
-    total_col = total_row[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        level = np.where(weight > 0.0, cap / np.where(weight > 0.0, weight, 1.0), np.inf)
-    order = np.argsort(level, axis=-1, kind="stable")
-    lv = np.take_along_axis(level, order, axis=-1)
-    c = np.take_along_axis(cap, order, axis=-1)
-    w = np.take_along_axis(weight, order, axis=-1)
-    cum_c = np.cumsum(c, axis=-1)
-    # Weight of the packs from k on, summed from the end so a small remainder is not lost.
-    tail_w = np.concatenate((np.cumsum(w[..., ::-1], axis=-1)[..., ::-1], np.zeros((*w.shape[:-1], 1))), axis=-1)
-    with np.errstate(invalid="ignore"):
-        delivered = np.where(tail_w[..., 1:] > 0.0, cum_c + lv * tail_w[..., 1:], cum_c)
-    n = weight.shape[-1]
-    k = np.minimum((delivered < total_col).sum(axis=-1, keepdims=True), n - 1)
-    c_before = np.where(k > 0, np.take_along_axis(cum_c, np.maximum(k - 1, 0), axis=-1), 0.0)
-    tail_k = np.take_along_axis(tail_w, k, axis=-1)
+    todo = np.empty((64, 3), dtype=np.int64)  # start, length, depth
+    done, done_depth = np.empty(64), np.empty(64, dtype=np.int64)
+    todo[0, 0], todo[0, 1], todo[0, 2] = 0, a.size, 0
+    n_todo, n_done = 1, 0
+    while n_todo > 0:
+        n_todo -= 1
+        start, n, depth = todo[n_todo, 0], todo[n_todo, 1], todo[n_todo, 2]
+        if n > 128:
+            half = n // 2 - (n // 2) % 8
+            todo[n_todo, 0], todo[n_todo, 1], todo[n_todo, 2] = start + half, n - half, depth + 1
+            todo[n_todo + 1, 0], todo[n_todo + 1, 1], todo[n_todo + 1, 2] = start, half, depth + 1
+            n_todo += 2
+            continue
+        total = _block_sum(a, start, n)
+        while n_done > 0 and done_depth[n_done - 1] == depth:
+            n_done -= 1
+            total = done[n_done] + total
+            depth -= 1
+        done[n_done], done_depth[n_done] = total, depth
+        n_done += 1
+    return float(0.0 + done[0])
+
+
+@kernel
+def _water_fill(total: float, weight: F64, cap: F64, share: F64) -> float:
+    """Share ``total`` in proportion to ``weight``, no share above ``cap``: fill ``share``, return what is unserved.
+
+    Exactly: a pack clips at the fill level ``cap / weight``; with the levels sorted, the
+    power delivered at each level is a cumulative sum, and the level that delivers ``total``
+    is found by counting. ``weight`` and ``cap`` must be >= 0, and ``cap`` 0 where ``weight``
+    is; at least one pack.
+    """
+    n = weight.size
+    level = np.full(n, np.inf)
+    for j in range(n):
+        if weight[j] > 0.0:
+            level[j] = cap[j] / weight[j]
+    order = np.argsort(level, kind="mergesort")  # stable
+    # The caps summed up the levels; the weight from each level on, summed from the end so
+    # that a small remainder is not lost.
+    cum_cap, tail_weight = np.empty(n), np.zeros(n + 1)
+    cum_cap[0] = cap[order[0]]
+    for i in range(1, n):
+        cum_cap[i] = cum_cap[i - 1] + cap[order[i]]
+    tail_weight[n - 1] = weight[order[n - 1]]
+    for i in range(n - 2, -1, -1):
+        tail_weight[i] = tail_weight[i + 1] + weight[order[i]]
+    k = 0
+    for i in range(n):
+        above = tail_weight[i + 1]
+        delivered = cum_cap[i] + level[order[i]] * above if above > 0.0 else cum_cap[i]
+        if delivered < total:
+            k += 1
+    k = min(k, n - 1)
+    below = cum_cap[k - 1] if k > 0 else 0.0
     # No weight left above the level: every pack is at its cap (an infinite level).
-    fill = np.where(tail_k > 0.0, (total_col - c_before) / np.where(tail_k > 0.0, tail_k, 1.0), np.inf)
-    with np.errstate(invalid="ignore"):
-        share: F64 = np.where(weight > 0.0, np.minimum(cap, np.clip(fill, 0.0, None) * weight), 0.0)
-    unserved: F64 = np.clip(total_row - share.sum(axis=-1), 0.0, None)
-    return share, unserved
+    fill = np.maximum((total - below) / tail_weight[k] if tail_weight[k] > 0.0 else np.inf, 0.0)
+    for j in range(n):
+        share[j] = np.minimum(cap[j], fill * weight[j]) if weight[j] > 0.0 else 0.0
+    return float(np.maximum(total - _sum(share), 0.0))
 
 
-def _dispatch(total: float | F64, weight: F64, cap: F64) -> tuple[F64, F64]:
-    """:func:`_water_fill` with a fast path, row by row: a row with weight where no proportional share exceeds its cap.
+@kernel
+def _dispatch(total: float, weight: F64, cap: F64, share: F64) -> float:
+    """:func:`_water_fill` with a fast path: the proportional shares when none exceeds its cap."""
+    w_sum = _sum(weight)
+    if not w_sum > 0.0:
+        return _water_fill(total, weight, cap, share)
+    per_weight = total / w_sum
+    slow = False
+    for j in range(weight.size):
+        share[j] = weight[j] * per_weight
+        slow |= share[j] > cap[j]
+    return _water_fill(total, weight, cap, share) if slow else 0.0
 
-    ``weight`` and ``cap`` are ``(D, P)``; each row's result is the same whatever the other rows.
+
+@kernel
+def _look_up(soc: F64, row: IP, points: F64, at: F64) -> None:
+    """Each pack's place in the tables at ``soc`` (in [0, 1]): the fraction of the grid step, then the table row.
+
+    Into the rows of ``at`` (:data:`_AT_ROWS`). The one pass that cannot vectorise (a gather
+    per pack), so it does nothing else.
     """
-    w_sum = weight.sum(axis=-1)
-    tot = np.broadcast_to(np.asarray(total, dtype=np.float64), w_sum.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share: F64 = weight * (tot / w_sum)[:, None]
-    slow = ~(w_sum > 0.0) | (share > cap).any(axis=-1)
-    unserved: F64 = np.zeros(w_sum.shape)
-    if slow.any():
-        share[slow], unserved[slow] = _water_fill(tot[slow], weight[slow], cap[slow])
-    return share, unserved
+    last = GRID_POINTS - 2
+    for j in range(soc.size):
+        x = soc[j] * (GRID_POINTS - 1)
+        k = min(max(int(x), 0), last)  # never out of the tables, even for a NaN
+        at[0, j] = x - k
+        point = np.uint64(k + row[j])  # unsigned: no check for an index from the end
+        for c in range(_AT_ROWS - 1):
+            at[c + 1, j] = points[point, c]
+
+
+@kernel
+def _limits(
+    at: F64,
+    wh_per_v: F64,
+    cum_floor: F64,
+    r_scale: F64,
+    r_series: F64,
+    series: F64,
+    v_min_pack: F64,
+    i_max: F64,
+    per_s_dt: float,
+    out: F64,
+) -> None:
+    """From the look-up ``at``, each pack's energy to the floor, power cap, Voc, R and current limit.
+
+    Into the rows of ``out`` (:data:`_PACK_ROWS`). The power cap is the lower of the power
+    limit and the energy over the step (``per_s_dt`` is ``3600 / dt``).
+    """
+    half_step = 0.5 * _STEP
+    frac, ocv0, docv, cum, rsoc0, drsoc = at[0], at[1], at[2], at[3], at[4], at[5]
+    energy, cap, voc, r, i_lim = out[0], out[1], out[2], out[3], out[4]
+    for j in range(frac.size):
+        f = frac[j]
+        ocv = docv[j] * f + ocv0[j]
+        above = (ocv0[j] + ocv) * f * half_step + cum[j] - cum_floor[j]  # the trapezoid from the grid point
+        e = np.maximum(above, 0.0) * wh_per_v[j]
+        r_j = (drsoc[j] * f + rsoc0[j]) * r_scale[j] + r_series[j]
+        voc_j = ocv * series[j]
+        # The current keeping the mean cell above v_min, within the BMS limit; its power.
+        i_j = np.maximum(np.minimum((voc_j - v_min_pack[j]) / r_j, i_max[j]), 0.0)
+        energy[j], voc[j], r[j], i_lim[j] = e, voc_j, r_j, i_j
+        cap[j] = np.minimum(e * per_s_dt, (voc_j - i_j * r_j) * i_j)  # the energy over the step, too
+
+
+@kernel
+def _advance(soc: F64, share: F64, limits: F64, soc_per_as: F64, dt: float, out: F64) -> None:
+    """Each pack's SoC after delivering its ``share`` for ``dt`` (into ``out``).
+
+    Its current solves ``P = I (Voc - I R)``, in the form that is stable for small ``P``.
+    """
+    voc, r, i_lim = limits[2], limits[3], limits[4]
+    for j in range(soc.size):
+        root = np.sqrt(np.maximum(r[j] * share[j] * -4.0 + voc[j] * voc[j], 0.0)) + voc[j]
+        current = np.minimum(share[j] * 2.0 / root, i_lim[j]) * (dt * soc_per_as[j])
+        out[j] = np.maximum(soc[j] - current, 0.0)
+
+
+@kernel
+def _simulate(
+    power: F64,
+    soc: F64,
+    dt_s: F64,
+    wh_per_v: F64,
+    row: IP,
+    cum_floor: F64,
+    r_scale: F64,
+    r_series: F64,
+    series: F64,
+    v_min_pack: F64,
+    i_max: F64,
+    soc_per_as: F64,
+    points: F64,
+    min_dt_s: float,
+    horizon_s: float,
+    shortfall_share: float,
+    max_steps: int,
+) -> F64:
+    """The forward simulation of :func:`time_to_floor_s`; returns the time to the floor per scenario.
+
+    Per scenario: ``power`` and the first step ``dt_s``; per scenario and pack (``(D, P)``):
+    ``soc`` in [0, 1] and ``wh_per_v``, the energy per unit of ∫OCV ds (0 leaves a pack
+    out); per pack: its first table row, ∫OCV ds at the floor, the resistance's scale and
+    series part, the series count, its lowest voltage, its current limit and the SoC per
+    ampere-second. Scenarios are independent, so each runs alone to its end.
+    """
+    d, n = soc.shape
+    out = np.empty(d)
+    at, limits, share = np.empty((_AT_ROWS, n)), np.empty((_PACK_ROWS, n)), np.empty(n)
+    for i in range(d):
+        s, prev_s, stepped = soc[i].copy(), soc[i].copy(), np.empty(n)
+        total, dt = power[i], dt_s[i]
+        now = prev_now = 0.0
+        end = np.nan
+        running = True
+        for _ in range(max_steps):
+            _look_up(s, row, points, at)
+            per_s_dt = _S_PER_H / dt  # caps a pack at its energy over the step
+            _limits(at, wh_per_v[i], cum_floor, r_scale, r_series, series, v_min_pack, i_max, per_s_dt, limits)
+            unserved = _dispatch(total, limits[0], limits[1], share)
+            if unserved > shortfall_share * total:
+                if dt > min_dt_s:
+                    # Go back one step and retry with half the step: the end lies within it.
+                    s[:] = prev_s
+                    now = prev_now
+                    dt = max(0.5 * dt, min_dt_s)
+                    continue
+                end = now + dt * (np.maximum(total - unserved, 0.0) / total)  # the served share of the step
+                running = False
+                break
+            _advance(s, share, limits, soc_per_as, dt, stepped)
+            prev_s, s, stepped = s, stepped, prev_s
+            prev_now, now = now, now + dt
+            if now >= horizon_s:
+                end = np.inf
+                running = False
+                break
+        # Not reached in practice (the step count is bounded); what is left ran at least this long.
+        out[i] = now if running else end
+    return out
 
 
 def time_to_floor_s(
@@ -620,7 +820,7 @@ def time_to_floor_s(
         EstimatorError: if ``soc`` is not ``(D, P)``, or ``power_w`` neither one number nor
             one per scenario.
     """
-    s = np.array(soc, dtype=np.float64)
+    s = np.array(soc, dtype=np.float64, order="C")  # the kernel is compiled for C-ordered arrays
     if s.ndim != 2 or s.shape[1] != packs.n_packs:
         msg = f"soc must have shape (D, {packs.n_packs}), got {s.shape}"
         raise EstimatorError(msg)
@@ -639,7 +839,6 @@ def time_to_floor_s(
             )
         return out_nan
     t = packs._tables
-    ocv_t, docv_t, cum_t, rsoc_t, drsoc_t = t.ocv, t.docv, t.cum_ocv, t.rsoc, t.drsoc
     row = packs._row
     use = np.asarray(available, dtype=np.bool_) & np.isfinite(s)
     s = np.where(use, np.clip(s, 0.0, 1.0), 0.0)
@@ -657,100 +856,25 @@ def time_to_floor_s(
     target = options.target_steps
     e0 = (np.clip(cum_now - cum_floor, 0.0, None) * wh_per_v).sum(axis=1)
     dt = np.clip(e0 * _S_PER_H / power / target, options.min_dt_s, max(options.horizon_s / target, options.min_dt_s))
-
-    last = GRID_POINTS - 2
-    half_step = 0.5 * _STEP
-    now = np.zeros(d)
-    prev_s, prev_now = s.copy(), now.copy()
-    end = np.full(d, np.nan)
-    running = np.ones(d, dtype=np.bool_)
-    limit = options.shortfall_share * power
-    per_s_dt = _S_PER_H / dt[:, None]  # caps a pack at its energy over the step
-    soc_per_a = dt[:, None] * soc_per_as  # SoC lost per ampere over the step
-    for _ in range(target + _MAX_EXTRA_STEPS):
-        # Table positions (s is kept in [0, 1]), then OCV, ∫OCV ds to the floor and R.
-        x = s * (GRID_POINTS - 1)
-        k = x.astype(np.intp)
-        np.minimum(k, last, out=k)
-        f = x - k
-        k += row
-        v0 = ocv_t.take(k)
-        ocv = docv_t.take(k)
-        ocv *= f
-        ocv += v0
-        v0 += ocv  # the trapezoid from the grid point to soc
-        v0 *= f
-        v0 *= half_step
-        v0 += cum_t.take(k)
-        v0 -= cum_floor
-        energy = np.maximum(v0, 0.0)
-        energy *= wh_per_v
-        r = drsoc_t.take(k)
-        r *= f
-        r += rsoc_t.take(k)
-        r *= r_scale
-        r += r_series
-        voc = ocv
-        voc *= series
-        # Limits: current keeping the mean cell above v_min, within the BMS limit; its power.
-        i_lim = voc - v_min_pack
-        i_lim /= r
-        np.minimum(i_lim, i_max, out=i_lim)
-        np.maximum(i_lim, 0.0, out=i_lim)
-        p_lim = i_lim * r
-        np.subtract(voc, p_lim, out=p_lim)
-        p_lim *= i_lim
-        cap = energy * per_s_dt
-        np.minimum(cap, p_lim, out=cap)
-        share, unserved = _dispatch(power, energy, cap)
-        fail = running & (unserved > limit)
-        advance: B | None = None  # None: every row
-        if fail.any():
-            refine = fail & (dt > options.min_dt_s)
-            finish = fail & ~refine
-            served = np.clip(power - unserved, 0.0, None) / power
-            end = np.where(finish, now + dt * served, end)
-            running &= ~finish
-            if not running.any():
-                break
-            if refine.any():
-                # Go back one step and retry with half the step: the end lies within it.
-                s = np.where(refine[:, None], prev_s, s)
-                now = np.where(refine, prev_now, now)
-                dt = np.where(refine, np.maximum(0.5 * dt, options.min_dt_s), dt)
-                per_s_dt = _S_PER_H / dt[:, None]
-                soc_per_a = dt[:, None] * soc_per_as
-                advance = ~refine
-        # Each pack's current from P = I (Voc - I R), in the form that is stable for small P.
-        disc = r * share
-        disc *= -4.0
-        disc += voc * voc
-        np.maximum(disc, 0.0, out=disc)
-        np.sqrt(disc, out=disc)
-        disc += voc
-        current = share * 2.0
-        current /= disc
-        np.minimum(current, i_lim, out=current)
-        current *= soc_per_a
-        stepped = s - current
-        np.maximum(stepped, 0.0, out=stepped)
-        if advance is None:
-            prev_s, prev_now = s, now
-            s, now = stepped, now + dt
-        else:
-            prev_s = np.where(advance[:, None], s, prev_s)
-            prev_now = np.where(advance, now, prev_now)
-            s = np.where(advance[:, None], stepped, s)
-            now = np.where(advance, now + dt, now)
-        beyond = running & (now >= options.horizon_s)
-        if beyond.any():
-            end = np.where(beyond, np.inf, end)
-            running &= ~beyond
-            if not running.any():
-                break
-    # Not reached in practice (the step count is bounded); what is left ran at least this long.
-    out: F64 = np.where(running, now, end)
-    return out
+    return _simulate(
+        np.array(power),  # a writeable copy: numba compiles once per kind of array (read-only is another)
+        s,
+        dt,
+        wh_per_v,
+        row,
+        cum_floor,
+        r_scale,
+        r_series,
+        series,
+        v_min_pack,
+        i_max,
+        soc_per_as,
+        t.points,
+        options.min_dt_s,
+        options.horizon_s,
+        options.shortfall_share,
+        target + _MAX_EXTRA_STEPS,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
