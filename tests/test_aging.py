@@ -284,6 +284,23 @@ def test_500_packs_at_once_equal_per_pack_runs(law_name: str) -> None:
             assert got == pytest.approx(want, rel=1e-10, abs=1e-14), f"pack {i} field {f.name}"
 
 
+@pytest.mark.parametrize("law_name", sorted(AGING_LAWS))
+def test_packs_at_one_temperature_age_as_each_would_alone(law_name: str) -> None:
+    """Rates on the SoC grid are evaluated once when every pack shares a temperature: the same to the bit."""
+    law = get_aging_law(law_name)
+    soc = np.linspace(0.2, 0.9, 6)
+    shared = Stressors.from_means(dt_days=30.0, temp_k=303.15, soc_mean=soc, dod=0.6, c_rate_mean=0.3, efc=20.0)
+    fleet = law.step(law.initial_state(soc.size), shared, scalar=np.linspace(0.8, 1.2, soc.size))
+    fleet = law.step(fleet, shared, scalar=np.linspace(0.8, 1.2, soc.size))
+    for i in range(soc.size):
+        alone = Stressors.from_means(dt_days=30.0, temp_k=303.15, soc_mean=soc[i], dod=0.6, c_rate_mean=0.3, efc=20.0)
+        one = law.step(law.initial_state(1), alone, scalar=np.linspace(0.8, 1.2, soc.size)[i])
+        one = law.step(one, alone, scalar=np.linspace(0.8, 1.2, soc.size)[i])
+        for f in dataclasses.fields(AgingState):
+            assert getattr(fleet, f.name)[i] == getattr(one, f.name)[0], f"pack {i} field {f.name}"
+    assert len(set(fleet.q.tolist())) == soc.size  # the packs really differ
+
+
 def test_streamed_chunks_add_up_to_the_whole() -> None:
     t, soc, current = _scenario_series(1)
     whole = stressors_from_series(t, soc, current, CAPACITY_AH, 25.0)

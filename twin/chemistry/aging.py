@@ -177,7 +177,19 @@ _UA_GRID: Final[FloatArray] = _readonly(anode_potential_v(SOC_GRID))
 # --------------------------------------------------------------------------------------------------
 
 
+def _frozen_as(value: object, shape: tuple[int, ...]) -> bool:
+    """Whether ``value`` is already a read-only float array of ``shape`` (kept as it is, no copy)."""
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype == np.float64
+        and value.shape == shape
+        and not value.flags.writeable
+    )
+
+
 def _pack_vector(name: str, value: ArrayLike, n: int) -> FloatArray:
+    if _frozen_as(value, (n,)):
+        return value  # type: ignore[return-value]
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim > 1:
         msg = f"{name} must be a scalar or a 1-D array of one value per pack, got shape {arr.shape}"
@@ -253,11 +265,14 @@ class Stressors:
                 msg = f"Stressors.{f.name} has non-finite values"
                 raise ValueError(msg)
             object.__setattr__(self, f.name, arr)
-        occ = np.array(self.soc_occupancy, dtype=np.float64)
-        if occ.shape != (n, SOC_GRID.size):
-            msg = f"soc_occupancy must have shape ({n}, {SOC_GRID.size}), got {occ.shape}"
-            raise ValueError(msg)
-        object.__setattr__(self, "soc_occupancy", _readonly(occ))
+        # Frozen arrays are kept (dataclasses.replace on a chunk's stressors copied the
+        # occupancy, packs x SoC grid, at every step of a placement).
+        if not _frozen_as(self.soc_occupancy, (n, SOC_GRID.size)):
+            occ = np.array(self.soc_occupancy, dtype=np.float64)
+            if occ.shape != (n, SOC_GRID.size):
+                msg = f"soc_occupancy must have shape ({n}, {SOC_GRID.size}), got {occ.shape}"
+                raise ValueError(msg)
+            object.__setattr__(self, "soc_occupancy", _readonly(occ))
         if np.any(self.dt_days < 0) or np.any(self.efc < 0) or np.any(self.temp_k <= 0):
             msg = "Stressors need dt_days >= 0, efc >= 0 and temp_k > 0"
             raise ValueError(msg)
@@ -822,8 +837,20 @@ class _Components(NamedTuple):
     r_cyc_gain: FloatArray
 
 
+def _temp_column(temp: FloatArray) -> FloatArray:
+    """Temperatures as a column for a rate on the SoC grid: one row when every pack has the same.
+
+    A rate on (packs x SoC grid) costs an exp per node and pack; the first-life chunks of the
+    health tracker's placement hold every pack at one temperature, and the grid is then
+    evaluated once and broadcast (the same values, at a hundredth of the cost).
+    """
+    if temp.size > 1 and bool(np.all(temp == temp[0])):
+        return temp[:1, np.newaxis]
+    return temp[:, np.newaxis]
+
+
 def _occupancy_mean(stressors: Stressors, rate_on_grid: FloatArray) -> FloatArray:
-    """Time-average a rate given on (n_packs, SOC_GRID) nodes with the chunk's SoC occupancy."""
+    """Time-average a rate given on (n_packs or 1, SOC_GRID) nodes with the chunk's SoC occupancy."""
     out: FloatArray = np.sum(stressors.soc_occupancy * rate_on_grid, axis=1)
     return out
 
@@ -1137,7 +1164,7 @@ class NmcGr50AhB1(_BlastLaw):
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
         tn = stressors.temp_k / _TREF_NORM_K
         uan = _UA_GRID / _UA_NORM_V
-        kcal = _occupancy_mean(stressors, self.p1 * np.exp(self.p2 * uan ** (1.0 / 3.0) / (tn[:, np.newaxis] ** 3)))
+        kcal = _occupancy_mean(stressors, self.p1 * np.exp(self.p2 * uan ** (1.0 / 3.0) / (_temp_column(tn) ** 3)))
         kcyc = np.abs(self.p3 * (stressors.dod**2 * tn**3 * stressors.c_rate_mean**0.5) ** self.p4)
         q_cal = state.q_cal_loss + scalar * power_law_increment(
             state.q_cal_loss, stressors.dt_days / 1e4, kcal, self.pcal
@@ -1191,7 +1218,7 @@ class LfpGr250AhPrismatic(_BlastLaw):
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
         t = stressors.temp_k
-        t2 = t[:, np.newaxis]
+        t2 = _temp_column(t)
         kcal = _occupancy_mean(stressors, abs(self.p1) * np.exp(self.p2 / t2) * np.exp(self.p3 * _UA_GRID / t2))
         kcyc = (self.p4 + self.p5 * stressors.dod + self.p6 * stressors.c_rate_mean) * (
             np.exp(self.p7 / t) + np.exp(-self.p8 / t)
@@ -1289,7 +1316,7 @@ class LfpGrSonyMurata3Ah(_BlastLaw):
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
         t = stressors.temp_k
-        t2 = t[:, np.newaxis]
+        t2 = _temp_column(t)
         dod = stressors.dod
         crate = stressors.c_rate_mean
         ua = _UA_GRID
@@ -1383,7 +1410,7 @@ class Nmc111GrKokam75Ah(_BlastLaw):
         t = stressors.temp_k
         tn = t / _TREF_NORM_K
         uan = _UA_GRID / _UA_NORM_V
-        tn2 = tn[:, np.newaxis]
+        tn2 = _temp_column(tn)
         q1 = _occupancy_mean(stressors, self.q1_0 * np.exp(self.q1_1 / tn2) * np.exp(self.q1_2 * uan / tn2))
         q3 = self.q3_0 * np.exp(self.q3_1 / tn) * np.exp(self.q3_2 * np.exp(stressors.dod**2))
         q5 = self.q5_0 + self.q5_1 * (t - ZERO_CELSIUS_K - 55.0) * stressors.dod * (stressors.soc_mean / 0.6)
@@ -1455,7 +1482,7 @@ class LmoGrNissanLeaf66Ah2ndLife(_BlastLaw):
     qcyc_p: float = 1.08
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
-        t2 = stressors.temp_k[:, np.newaxis]
+        t2 = _temp_column(stressors.temp_k)
         k_cal = _occupancy_mean(stressors, self.qcal_a * np.exp(self.qcal_b / t2) * np.exp(self.qcal_c * SOC_GRID / t2))
         q_cal = state.q_cal_loss + scalar * power_law_increment(state.q_cal_loss, stressors.dt_days, k_cal, self.qcal_p)
         q_cyc = state.q_cyc_loss + scalar * power_law_increment(
