@@ -135,11 +135,14 @@ class RunFolder:
         meta = parquet.metadata
         if all(meta.row_group(i).num_rows <= 4 * rows for i in range(meta.num_row_groups)):
             # Whole row groups (the writers roll one per chunk): several times faster than
-            # re-batching, and memory stays bounded by the row group.
+            # re-batching, and memory stays bounded by the row group. polars' own reader, one
+            # row group per slice: 2-4x faster here than pyarrow's into a polars frame.
+            scan = pl.scan_parquet(self.path / "telemetry.parquet").select(present)
+            offset = 0
             for i in range(meta.num_row_groups):
-                frame = pl.from_arrow(parquet.read_row_group(i, columns=present))
-                assert isinstance(frame, pl.DataFrame)
-                yield _conform(frame, c.PackTelemetry)
+                n = meta.row_group(i).num_rows
+                yield _conform(scan.slice(offset, n).collect(), c.PackTelemetry)
+                offset += n
             return
         for batch in parquet.iter_batches(batch_size=rows, columns=present):
             frame = pl.from_arrow(batch)
