@@ -543,11 +543,12 @@ def test_a_settled_weakest_cell_rate_is_read_on_its_side_of_zero() -> None:
 
 
 def test_the_usable_soc_std_carries_the_mean_s_and_the_extreme_cells_uncertainty() -> None:
-    """u = H / (H + R): the mean's error moves u by 1 / (H + R) per unit, each offset's by its own share.
+    """u = H / (H + R): the mean's error moves u by 1 / (H + R) per unit, each extreme cell's by its own share.
 
     Mean 0.5 (std 0.02), weakest cell 0.1 below (offset std 0.01), strongest at the mean (0.01),
-    rates 0: H = 0.4, R = 0.5, so du/dsoc = 1 / 0.9, du/dd_min = 0.5 / 0.81, du/dd_max = 0.4 / 0.81.
-    Without cell voltages the usable SoC is the mean and so is its std.
+    rates 0 (std 0.02; the weakest cell's correlated 0.5 with its offset): H = 0.4, R = 0.5, so
+    du/dsoc = 1 / 0.9, du/dd_min = 0.5 / 0.81, du/dd_max = 0.4 / 0.81, du/drate_min = -H du/dd_min,
+    du/drate_max = R du/dd_max. Without cell voltages the usable SoC is the mean and so is its std.
     """
     params = _two_nmc811_packs(("cells", "none"), soc0=0.5)
     state = initial_state(params)
@@ -557,8 +558,11 @@ def test_the_usable_soc_std_carries_the_mean_s_and_the_extreme_cells_uncertainty
     cell_x[0, 0, 0] = -0.1
     cell_cov[0, :, 0, 0] = 0.01**2  # the first pack's cell voltages have arrived, the second's not
     cell_cov[:, :, 1, 1] = 0.02**2  # rates settled (at 0)
+    cell_cov[0, 0, 0, 1] = cell_cov[0, 0, 1, 0] = 0.5 * 0.01 * 0.02
     est = estimate_from_state(dataclasses.replace(state, cov=cov, cell_x=cell_x, cell_cov=cell_cov), params)
-    expected = np.sqrt((0.02 / 0.9) ** 2 + (0.5 / 0.81 * 0.01) ** 2 + (0.4 / 0.81 * 0.01) ** 2)
+    var_min = 0.01**2 - 2.0 * 0.4 * (0.5 * 0.01 * 0.02) + 0.4**2 * 0.02**2
+    var_max = 0.01**2 + 0.5**2 * 0.02**2
+    expected = np.sqrt((0.02 / 0.9) ** 2 + (0.5 / 0.81) ** 2 * var_min + (0.4 / 0.81) ** 2 * var_max)
     assert est.soc_usable_std[0] == pytest.approx(expected, rel=1e-12)
     assert est.soc_std[0] == pytest.approx(0.02, rel=1e-12)  # the mean cell's own
     assert est.soc_usable[1] == pytest.approx(0.5, abs=1e-12)

@@ -1260,11 +1260,18 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     d = np.where(ok, denom, 1.0)
     usable = np.where(ok, held / d, soc)
     # u = H / (H + R), H = s_min / (1 + rate_min), R = (1 - s_max) / (1 + rate_max), s_min and
-    # s_max = soc + their offsets: the gradient times the (independent) variances.
+    # s_max = soc + their offsets: the gradient times the (independent) variances. Each extreme
+    # cell moves u through its offset (du/ds_min = du_min, du/ds_max = du_max) and through its
+    # rate (du/drate_min = -H du_min, du/drate_max = R du_max): a cell whose capacity is not yet
+    # known (a pack at rest since the start) leaves the usable SoC open by that much (cold_lfp's
+    # NMC packs, six hours at rest: 1.2 % off with a stated 0.18 % before the rates counted).
     du_min = room / (1.0 + rate_min) / (d * d)
     du_max = held / (1.0 + rate_max) / (d * d)
-    var_min = np.where(has_cells[:, 0], state.cell_cov[:, 0, _CD, _CD], 0.0)
-    var_max = np.where(has_cells[:, 1], state.cell_cov[:, 1, _CD, _CD], 0.0)
+    cc = state.cell_cov
+    var_min = cc[:, 0, _CD, _CD] - 2.0 * held * cc[:, 0, _CD, _CR] + held * held * cc[:, 0, _CR, _CR]
+    var_max = cc[:, 1, _CD, _CD] + 2.0 * room * cc[:, 1, _CD, _CR] + room * room * cc[:, 1, _CR, _CR]
+    var_min = np.where(has_cells[:, 0], np.maximum(var_min, 0.0), 0.0)
+    var_max = np.where(has_cells[:, 1], np.maximum(var_max, 0.0), 0.0)
     var_usable = (du_min + du_max) ** 2 * np.maximum(var, 0.0) + du_min**2 * var_min + du_max**2 * var_max
     usable_std = np.where(ok, np.sqrt(np.maximum(var_usable, 0.0)), soc_std)
     rows, frac = _lookup(params.table, params.row, soc_raw)
