@@ -441,6 +441,55 @@ def test_outlook_bands_are_ordered_and_widen_with_soc_std() -> None:
     assert wide.soc == pytest.approx(float((soc * weight).sum() / weight.sum()))
 
 
+def test_only_the_shared_part_of_the_soc_error_loads_on_the_chemistry_s_common_error() -> None:
+    """var_site = sum_i (b_i² - kappa² m_i²) + sum_c (kappa sum_i m_i)²: checked on the SoC-only budget.
+
+    With every pack's error its own (shared 0) the site's variance is the sum of the packs';
+    with all of it shared it gains the chemistry's common term; the default is all shared.
+    """
+    packs = fleet(5)
+    n = packs.n_packs
+    soc = np.random.default_rng(4).uniform(0.4, 0.9, n)
+    std = np.full(n, 0.03)
+    o = OutlookOptions(capacity_error_correlation=0.0)
+    kappa = o.soc_error_correlation
+    packs = dataclasses.replace(packs, capacity_rel_std=np.zeros(n))  # the SoC's budget alone
+
+    def site(shared: F64 | None) -> float:
+        out = site_outlook(
+            packs,
+            soc=soc,
+            soc_std=std,
+            soc_std_shared=shared,
+            temp_c=np.full(n, 25.0),
+            current_a=np.zeros(n),
+            available=np.ones(n, dtype=bool),
+            battery_w=None,
+            load_w=None,
+            options=o,
+        )
+        return (out.energy_kwh_p95 - out.energy_kwh) / o.quantile_z
+
+    own, half, default = site(np.zeros(n)), site(0.5 * std), site(None)
+    assert default == pytest.approx(site(std), rel=1e-12)
+    # b_i from the per-pack bands at zero current: dE/dsoc times the SoC std, in kWh.
+    packs_out = site_outlook(
+        packs, soc=soc, soc_std=std, temp_c=np.full(n, 25.0), current_a=np.zeros(n),
+        available=np.ones(n, dtype=bool), battery_w=None, load_w=None, options=o,
+    )  # fmt: skip
+    b = (packs_out.pack_energy_kwh_p95 - packs_out.pack_energy_kwh_p5) / (2.0 * o.quantile_z)
+    chem = np.unique(packs.chemistry, return_inverse=True)[1]
+
+    def expected(m: F64) -> float:
+        common = np.bincount(chem, weights=kappa * m)
+        return float(np.sqrt(np.sum(b * b - (kappa * m) ** 2) + np.sum(common**2)))
+
+    assert own == pytest.approx(expected(np.zeros(n)), rel=2e-3)
+    assert half == pytest.approx(expected(0.5 * b), rel=2e-3)
+    assert default == pytest.approx(expected(b), rel=2e-3)
+    assert own < half < default
+
+
 def test_outlook_energy_band_matches_a_monte_carlo_draw() -> None:
     packs = fleet(3)
     n = packs.n_packs

@@ -88,6 +88,7 @@ class PackEstimates:
     pack_ids: tuple[str, ...]
     soc: F64  # usable SoC of the string (what it can deliver), fraction
     soc_std: F64
+    soc_std_shared: F64  # the part of soc_std a chemistry-wide error can cause (the mean cell's)
     soc_mean: F64  # mean SoC of the cell groups
     soc_min_cell: F64
     current_offset_a: F64
@@ -417,6 +418,7 @@ class SiteEstimation:
             pack_ids=e.pack_ids,
             soc=np.asarray(e.soc_usable, dtype=np.float64),
             soc_std=np.asarray(e.soc_usable_std, dtype=np.float64),
+            soc_std_shared=np.asarray(e.soc_usable_std_shared, dtype=np.float64),
             soc_mean=np.asarray(e.soc, dtype=np.float64),
             soc_min_cell=np.asarray(e.soc_min_cell, dtype=np.float64),
             current_offset_a=np.asarray(e.current_offset_a, dtype=np.float64),
@@ -477,6 +479,7 @@ class SiteEstimation:
             energy,
             soc=soc,
             soc_std=packs.soc_std,
+            soc_std_shared=packs.soc_std_shared,
             temp_c=temp,
             current_a=current,
             available=available & np.isfinite(packs.soc),

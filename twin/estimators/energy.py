@@ -47,24 +47,25 @@ Simplifications, on purpose:
 How :func:`site_outlook` finds the bands, cheaply and deterministically (no sampling): each
 available pack's energy ``E_i`` at its SoC estimate is the median; its sensitivities are
 ``g_i = dE_i/dsoc`` (exact, from the OCV and the resistance at its SoC) and
-``dE_i/dQ = E_i / Q``. The SoC error has an independent part ``soc_std_i`` per pack and a
-part ``kappa soc_std_i`` common to every pack of its chemistry (``kappa =
-soc_error_correlation``: an error of the chemistry's OCV table or model errs the same way
-for all its packs, so the site's error does not average out over many packs); the capacity
-has a relative error ``r_i = capacity_rel_std`` loading by ``rho =
+``dE_i/dQ = E_i / Q``. Of each pack's SoC error (``soc_std_i``) the part its mean cell's
+SoC makes (``shared_i``, at most ``soc_std_i``) loads by ``kappa = soc_error_correlation`` on
+an error common to every pack of its chemistry (an error of the chemistry's OCV table or
+model errs the same way for all its packs, so the site's error does not average out over
+many packs); the rest, its extreme cells' offsets and capacities, is the pack's own. The
+capacity has a relative error ``r_i = capacity_rel_std`` loading by ``rho =
 capacity_error_correlation`` on an error common to the packs of its chemistry (a biased
 aging law errs the same way for all of them: they all aged since their intake test). The
 common errors of different chemistries are independent: their tables and laws are (on the
 emulated sites the errors of different chemistries have opposite signs as often as not).
-With ``b_i = g_i soc_std_i``, ``a_i = E_i r_i`` and ``c`` the chemistries::
+With ``b_i = g_i soc_std_i``, ``m_i = g_i shared_i``, ``a_i = E_i r_i`` and ``c`` the chemistries::
 
-    var_site = (1 - kappa²) sum_i b_i² + sum_c (kappa sum_{i in c} b_i)²
+    var_site = sum_i (b_i² - kappa² m_i²) + sum_c (kappa sum_{i in c} m_i)²
              + (1 - rho²) sum_i a_i² + sum_c (rho sum_{i in c} a_i)²
     E_P5, E_P95 = E -+ z sqrt(var_site)                           (clipped at 0)
 
 Three scenarios of the packs' SoC (P5, P50, P95) carry these quantiles into the forward
 simulation: pack ``i`` of chemistry ``c`` is shifted by ``-+ z sigma_site v_i / var_site / g_i`` with
-``v_i = (1 - kappa²) b_i² + (1 - rho²) a_i² + kappa b_i sum_{j in c} kappa b_j + rho a_i sum_{j in c} rho a_j``
+``v_i = b_i² - kappa² m_i² + (1 - rho²) a_i² + kappa m_i sum_{j in c} kappa m_j + rho a_i sum_{j in c} rho a_j``
 its share of the variance (the
 conditional mean of its error given the site's), so each scenario's site energy moves by
 ``z sigma_site`` to first order; SoC is clipped to [0, 1]. Runtime and ride-through are one
@@ -990,6 +991,7 @@ def site_outlook(
     battery_w: float | None,
     load_w: float | None,
     options: OutlookOptions = OutlookOptions(),
+    soc_std_shared: F64 | None = None,
 ) -> SiteOutlook:
     """Return the site's energy, SoC, runtime and ride-through at P5/P50/P95.
 
@@ -999,13 +1001,16 @@ def site_outlook(
     Args:
         packs: the packs.
         soc: usable SoC estimate per pack, fraction (NaN: the pack is left out).
-        soc_std: its independent standard deviation per pack, fraction (NaN counts as 0).
+        soc_std: its standard deviation per pack, fraction (NaN counts as 0).
         temp_c: cell temperature per pack, °C (NaN is taken as 25 °C).
         current_a: present current per pack, A (the energy is drawn at it; NaN counts as 0).
         available: per pack, True if it takes part (online, contactor closed).
         battery_w: present battery power, W, positive on discharge (runtime; None: unknown).
         load_w: present site load, W (ride-through; None: unknown).
         options: floor, quantile, common SoC error and simulation control.
+        soc_std_shared: the part of ``soc_std`` an error common to a chemistry's packs can
+            cause (at most ``soc_std``; default all of it): only this part loads on the
+            chemistry's common error, the rest is the pack's own (its extreme cells').
 
     Returns:
         The outlook. Per-pack arrays are read-only.
@@ -1028,6 +1033,11 @@ def site_outlook(
     soc_a = np.broadcast_to(np.asarray(soc, dtype=np.float64), (n,))
     std = np.nan_to_num(np.broadcast_to(np.asarray(soc_std, dtype=np.float64), (n,)), nan=0.0)
     std = np.clip(std, 0.0, None)
+    if soc_std_shared is None:
+        shared = std
+    else:
+        shared = np.nan_to_num(np.broadcast_to(np.asarray(soc_std_shared, dtype=np.float64), (n,)), nan=0.0)
+        shared = np.clip(shared, 0.0, std)
     temp = np.broadcast_to(np.asarray(temp_c, dtype=np.float64), (n,))
     current = np.nan_to_num(np.broadcast_to(np.asarray(current_a, dtype=np.float64), (n,)), nan=0.0)
     use = np.broadcast_to(np.asarray(available, dtype=np.bool_), (n,)) & np.isfinite(soc_a)
@@ -1053,12 +1063,13 @@ def site_outlook(
     rho = options.capacity_error_correlation
     a = e0 * packs.capacity_rel_std
     b = np.where(use, g * std, 0.0)
-    var_indep = (1.0 - kappa * kappa) * b * b + (1.0 - rho * rho) * a * a
+    m = np.where(use, g * shared, 0.0)  # the part that can be common
+    var_indep = b * b - (kappa * m) ** 2 + (1.0 - rho * rho) * a * a
     # The common errors, one per chemistry: each pack's covariance with its chemistry's sum.
     chem = packs._row // GRID_POINTS
-    b_common = np.bincount(chem, weights=kappa * b, minlength=len(packs._tables.chemistries))[chem]
+    b_common = np.bincount(chem, weights=kappa * m, minlength=len(packs._tables.chemistries))[chem]
     a_common = np.bincount(chem, weights=rho * a, minlength=len(packs._tables.chemistries))[chem]
-    share = var_indep + kappa * b * b_common + rho * a * a_common
+    share = var_indep + kappa * m * b_common + rho * a * a_common
     var = float(share.sum())
     sigma = math.sqrt(var)
     total = float(e0.sum())

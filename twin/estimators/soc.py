@@ -1148,8 +1148,11 @@ class SocEstimate:
             plus the room left in its strongest (module docstring); equal to
             ``soc`` without cell-voltage data.
         soc_usable_std: its standard deviation, fraction: the mean's and the extreme cells'
-            offsets' carried through the usable SoC's formula to first order (the usable
-            swing is narrower than the mean cell's, so the mean's error counts for more).
+            offsets' and rates' carried through the usable SoC's formula to first order (the
+            usable swing is narrower than the mean cell's, so the mean's error counts for more).
+        soc_usable_std_shared: the part of ``soc_usable_std`` the mean cell's SoC error makes,
+            fraction: the part an error of the chemistry's OCV table or model, common to its
+            packs, can cause (each pack's extreme cells are its own).
         current_offset_a: estimated current-sensor offset (the sensor reads true + offset), A.
         flags: :class:`SocFlag` bitmask per pack.
     """
@@ -1162,6 +1165,7 @@ class SocEstimate:
     soc_max_cell: F64
     soc_usable: F64
     soc_usable_std: F64
+    soc_usable_std_shared: F64
     current_offset_a: F64
     flags: I64
 
@@ -1274,6 +1278,7 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     var_max = np.where(has_cells[:, 1], np.maximum(var_max, 0.0), 0.0)
     var_usable = (du_min + du_max) ** 2 * np.maximum(var, 0.0) + du_min**2 * var_min + du_max**2 * var_max
     usable_std = np.where(ok, np.sqrt(np.maximum(var_usable, 0.0)), soc_std)
+    shared_std = np.where(ok, (du_min + du_max) * soc_std, soc_std)
     rows, frac = _lookup(params.table, params.row, soc_raw)
     slope = _col(rows, frac, _DOCV)
     started = state.last_ts_ms != _NO_TS
@@ -1301,6 +1306,7 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
         soc_max_cell=_frozen(s_max, np.float64),
         soc_usable=_frozen(usable, np.float64),
         soc_usable_std=_frozen(usable_std, np.float64),
+        soc_usable_std_shared=_frozen(shared_std, np.float64),
         current_offset_a=_frozen(state.x[:, _OFF], np.float64),
         flags=_frozen(flags, np.int64),
     )
