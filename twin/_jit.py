@@ -5,8 +5,9 @@ overhead at every sample (a few hundred operations on 805-element arrays per sec
 telemetry). Those loops are compiled with numba instead: one pass over each pack's samples,
 its state held in registers. The kernels are plain Python over numpy arrays and scalars:
 
-* ``cache=True``: compiled once per machine and kept beside the module (``__pycache__``);
-  set ``NUMBA_CACHE_DIR`` where the package folder is read-only;
+* ``cache=True``: compiled once per machine (10-20 s for all of them) and kept beside the
+  module (``__pycache__``); set ``NUMBA_CACHE_DIR`` where the package folder is read-only
+  (the Docker image does, and compiles them when it is built);
 * ``error_model="numpy"``: division by zero gives inf/NaN as numpy does, it does not raise;
 * no ``fastmath``: IEEE arithmetic, so results are deterministic and do not depend on
   how the samples were cut into batches;
@@ -26,5 +27,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def kernel(fn: _F) -> _F:
-    """Compile ``fn`` with numba in nopython mode (see the module docstring); typed as ``fn``."""
-    return cast(_F, numba.njit(cache=True, nogil=True, error_model="numpy")(fn))
+    """Compile ``fn`` with numba in nopython mode (see the module docstring); typed as ``fn``.
+
+    Where numba finds no writable place for its cache (a read-only install, no home folder,
+    no ``NUMBA_CACHE_DIR``) the kernel is compiled in memory at each start instead.
+    """
+    try:
+        return cast(_F, numba.njit(cache=True, nogil=True, error_model="numpy")(fn))
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return cast(_F, numba.njit(cache=False, nogil=True, error_model="numpy")(fn))
