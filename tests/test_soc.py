@@ -1084,7 +1084,7 @@ TARGET_RMSE = {"nmc811": 0.015, "nmc532": 0.015, "lmo": 0.015, "lfp": 0.03}
 # over the target), reported by the fixture rather than hidden behind an expected failure.
 # The LFP packs rest on their plateau for most of these runs, where the voltage cannot tell
 # SoC from the unknown hysteresis state; since the prior is centred on the first reading
-# there (see _Bank._centre_prior) small/lfp is at 2.0 % (3.2 % before) and cold_lfp/lfp at
+# there (see _soc_filter._centre_prior) small/lfp is at 2.0 % (3.2 % before) and cold_lfp/lfp at
 # 1.7 % (4.1 %), while nevada/lfp moved from 1.9 to 2.5 %: its mean cell is closer (1.0 %
 # against the cells' mean, 1.7 % before), and the weakest-cell trackers, started from a
 # different mean, add more.
