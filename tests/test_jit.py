@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,35 @@ def test_the_cache_goes_where_numba_cache_dir_says(tmp_path: Path) -> None:
     assert out.stdout.strip() == "6.0"
     assert any(tmp_path.rglob("_soc_filter._dot6-*.nbi"))
     assert any(tmp_path.rglob("_soc_filter._dot6-*.nbc"))
+
+
+def test_the_warm_up_readies_every_kernel_a_replay_uses(tmp_path: Path) -> None:
+    """After :func:`warm_up_kernels` (what `mgtwin serve` runs before its first message) a replay compiles nothing."""
+    code = """
+import json, sys
+from pathlib import Path
+from numba.core.registry import CPUDispatcher
+import twin.estimators._soc_filter, twin.estimators.energy, twin.estimators.resistance
+from twin.replay import RunFolder, replay_run
+from twin.state import warm_up_kernels
+
+mods = (twin.estimators._soc_filter, twin.estimators.energy, twin.estimators.resistance)
+def signatures():
+    return {f"{m.__name__}.{n}": len(getattr(m, n).signatures) for m in mods for n in dir(m)
+            if isinstance(getattr(m, n), CPUDispatcher)}
+warm_up_kernels()
+before = signatures()
+replay_run(RunFolder.open(Path(sys.argv[1])))
+print(json.dumps([before, signatures()]))
+"""
+    run = tmp_path / "run"
+    emulate = [sys.executable, "-m", "twin.cli", "emulate", "--scenario", "small", "--duration", "5m"]
+    subprocess.run([*emulate, "--pack-level", "--out", str(run)], check=True, capture_output=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run)], check=True, capture_output=True, text=True, timeout=300
+    )
+    before, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before == after
+    assert before["twin.estimators._soc_filter.run"] == 1
+    assert before["twin.estimators.resistance._filter"] == 1
+    assert before["twin.estimators.energy._simulate"] == 1

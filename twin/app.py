@@ -62,7 +62,7 @@ from twin.io.influx import RetryPolicy, WriteOutcome, Writer, make_writer, write
 from twin.io.mqtt import Inbound, MqttLink, SessionLock
 from twin.pipeline import REJECTS_SCHEMA, Decoded, decode_batch
 from twin.points import MEASUREMENTS, render
-from twin.state import CoreOptions, IngestResult, TwinCore
+from twin.state import CoreOptions, IngestResult, TwinCore, warm_up_kernels
 
 __all__ = ["Service", "ServiceStats"]
 
@@ -152,13 +152,18 @@ class Service:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Take the single-instance lock, connect to the broker, start the worker and the health endpoint.
+        """Take the single-instance lock, ready the kernels, connect to the broker, start the worker and health.
 
         Raises:
             BrokerError: another copy holds the lock, or the broker cannot be reached.
         """
         h = self.settings.health
         self.lock.acquire()
+        # Before the first message: after an install the kernels take 10-20 s to compile, and
+        # the broker holds the site's messages meanwhile rather than the worker stalling mid-stream.
+        took = warm_up_kernels()
+        if took > 2.0:
+            log.info("compiled the estimators' kernels in %.0f s (once per install: numba caches them)", took)
         self.health = HealthServer(h.host, h.port, health=self.healthz, metrics=self.metrics)
         self.health.start()
         self.link.start()
