@@ -155,7 +155,6 @@ from typing import Any, ClassVar, Final, Self
 
 import numpy as np
 import polars as pl
-from numpy.typing import NDArray
 
 from twin.chemistry import REFERENCE_TEMP_C, CellChemistry, get_chemistry
 from twin.chemistry.aging import EMPIRICAL_R_PER_FADE
@@ -173,7 +172,11 @@ from twin.estimators._soc_filter import (
     DOCV as _DOCV,
 )
 from twin.estimators._soc_filter import (
+    F64,
     GRID_POINTS,
+    I64,
+    IP,
+    B,
 )
 from twin.estimators._soc_filter import (
     HY as _HY,
@@ -236,11 +239,6 @@ __all__ = [
     "samples_from_frame",
     "step",
 ]
-
-F64 = NDArray[np.float64]
-I64 = NDArray[np.int64]
-B = NDArray[np.bool_]
-IP = NDArray[np.intp]
 
 _S_PER_H: Final = 3600.0
 #: The published usable SoC reads a rate on its side of zero once its standard deviation is below this.
