@@ -5,7 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    NUMBA_CACHE_DIR=/var/cache/mgtwin/numba
+    NUMBA_CACHE_DIR=/var/cache/mgtwin/numba \
+    NUMBA_CPU_NAME=generic
 
 WORKDIR /opt/mgtwin
 COPY pyproject.toml README.md LICENSE ./
@@ -20,6 +21,8 @@ COPY deploy/emulator ./deploy/emulator
 USER mgtwin
 WORKDIR /tmp
 # Compile the filters' kernels (numba) into the image: a short emulated run through the twin.
+# For a generic x86-64 (NUMBA_CPU_NAME), or numba would compile them again on any other CPU;
+# the cache folder must stay writable (numba reads only a cache it could write).
 RUN mgtwin emulate --scenario small --duration 10m --pack-level --out /tmp/warm-up > /dev/null \
     && mgtwin replay /tmp/warm-up > /dev/null \
     && rm -rf /tmp/warm-up

@@ -78,3 +78,15 @@ print(json.dumps([before, signatures()]))
     assert before["twin.estimators._soc_filter.run"] == 1
     assert before["twin.estimators.resistance._filter"] == 1
     assert before["twin.estimators.energy._simulate"] == 1
+
+
+def test_the_soc_kernel_s_table_look_up_stays_inside_the_table() -> None:
+    """A kernel does not check its indices: the look-up clamps them, NaN SoC included (int(NaN) is huge)."""
+    from twin.estimators._soc_filter import GRID_POINTS, _lookup
+
+    assert _lookup(0, float("nan"))[0] == 0
+    assert _lookup(GRID_POINTS, -0.5) == (GRID_POINTS, 0.0)
+    assert _lookup(GRID_POINTS, 1.5) == (GRID_POINTS + GRID_POINTS - 2, 1.0)
+    row, frac = _lookup(0, 0.25)
+    assert row == 250
+    assert frac == pytest.approx(0.0, abs=1e-9)

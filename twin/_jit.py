@@ -7,7 +7,8 @@ its state held in registers. The kernels are plain Python over numpy arrays and 
 
 * ``cache=True``: compiled once per machine (10-20 s for all of them) and kept beside the
   module (``__pycache__``); set ``NUMBA_CACHE_DIR`` where the package folder is read-only
-  (the Docker image does, and compiles them when it is built);
+  (numba uses only a cache folder it can write to). A cache serves the CPU it was compiled
+  for: the Docker image compiles them when it is built, for ``NUMBA_CPU_NAME=generic``;
 * ``error_model="numpy"``: division by zero gives inf/NaN as numpy does, it does not raise;
 * no ``fastmath``: IEEE arithmetic, so results are deterministic and do not depend on
   how the samples were cut into batches;

@@ -184,6 +184,7 @@ def _frozen_as(value: object, shape: tuple[int, ...]) -> bool:
         and value.dtype == np.float64
         and value.shape == shape
         and not value.flags.writeable
+        and value.flags.owndata  # not a read-only view of an array someone can still write
     )
 
 

@@ -544,8 +544,8 @@ class OutlookOptions:
 # the look-up of the tables (gathers, one pack at a time), the limits, the dispatch (a sum,
 # the proportional shares and, rarely, the water-filling) and the step. The arithmetic is
 # that of the numpy implementation it replaced, operation for operation and in the same
-# order (numpy's pairwise sums included), so the results are the same to the bit: another
-# rounding could move the step at which a run fails.
+# order (numpy's pairwise sums included), so the results agree to rounding (580 reference
+# arrays bit for bit; one random fleet in 20 differed in the last bits of a P5 runtime).
 
 _AT_ROWS: Final = 6  # the look-up: fraction of the grid step, then the columns of _Tables.points
 _PACK_ROWS: Final = 5  # the limits: energy to the floor, power cap, Voc, R, current limit

@@ -1,4 +1,4 @@
-"""Pack state of charge by an extended Kalman filter, vectorised over every pack of the site.
+"""Pack state of charge by an extended Kalman filter, for every pack of the site at once.
 
 Each pack is treated as one equivalent cell group (pack voltage over the series count) with
 the equivalent circuit of its chemistry (:mod:`twin.chemistry`: ``R0`` and one or two RC
@@ -110,11 +110,16 @@ its strongest is full, so with each cell's capacity ``Q_mean / (1 + rate)``::
     soc_usable = held / (held + room)
 
 (``soc_min / (soc_min + 1 - soc_max)`` when the extreme cells have the mean's capacity). The
-twin publishes ``soc_usable`` with ``soc_usable_std``: the mean's and the two offsets'
-variances carried through this formula to first order (the filters are separate, so taken
-as independent). The usable swing is narrower than the mean cell's, so the mean's error
-counts for ``1 / (held + room)`` of itself: on the emulated nevada site the LMO packs' error
-over this std is 1.2 (1.55 over the mean's std alone).
+twin publishes ``soc_usable`` with ``soc_usable_std``: the mean's variance and each extreme
+cell's (its offset's, its rate's and their covariance) carried through this formula to first
+order (the filters are separate, so taken as independent). The usable swing is narrower than
+the mean cell's, so the mean's error counts for ``1 / (held + room)`` of itself; an extreme
+cell whose rate has not been seen (a pack at rest since the start) leaves several % open.
+On the emulated 4 h nevada site the error over this std is 0.25 (LMO 0.55; 1.55 over the
+mean's std alone): conservative, as the rates' prior (0.15) is wider than the emulated
+cells' spread. ``soc_usable_std_shared`` is the part the mean's error makes, the part an
+error common to a chemistry's packs (its OCV table) can cause; the extreme cells' offsets
+are read through the same table, so a table error reaches them too, which this ignores.
 
 Data handling in :meth:`SocEstimator.update` (per pack, in event time):
 
@@ -701,27 +706,29 @@ def _inverse_ocv(chemistries: Sequence[CellChemistry]) -> _soc_filter.InverseOcv
 
 def _consts(o: SocOptions) -> _soc_filter.Consts:
     """The options turned into the variances the filter adds (per second, per unit, ...) and its limits."""
-    return _soc_filter.Consts(
-        soc_rw2_per_s=o.soc_drift_per_sqrt_h**2 / _S_PER_H,
-        offset_rw2_per_s=o.current_offset_rw_a_per_sqrt_h**2 / _S_PER_H,
-        r_rw2_per_s=o.resistance_rw_per_sqrt_h**2 / _S_PER_H,
-        capacity2=o.capacity_error**2 * o.capacity_error_coherence,
-        gap2_per_s2=(o.gap_current_sd_c / _S_PER_H) ** 2,
-        current2=o.current_noise_a**2,
-        resistance2=o.resistance_model_error**2,
-        spread2=o.cell_resistance_spread**2,
-        ocv2=o.ocv_error_v**2,
-        cell_ocv2=o.cell_ocv_error_v**2,
-        cell_rw2=o.cell_offset_rw**2,
-        cell_rate_rw2=o.cell_rate_rw**2,
-        cell_r_rw2_per_s=o.cell_r_rw_per_sqrt_h**2 / _S_PER_H,
-        hyst_error=o.hyst_error,
-        conn_frac=o.connector_share / (1.0 + o.connector_share),
-        max_gap_s=o.max_gap_s,
-        ocv_error_corr_s=o.ocv_error_corr_s,
-        ocv_error_corr_soc=o.ocv_error_corr_soc,
-        t_ref_k=REFERENCE_TEMP_C + 273.15,
-    )
+    values = {
+        "soc_rw2_per_s": o.soc_drift_per_sqrt_h**2 / _S_PER_H,
+        "offset_rw2_per_s": o.current_offset_rw_a_per_sqrt_h**2 / _S_PER_H,
+        "r_rw2_per_s": o.resistance_rw_per_sqrt_h**2 / _S_PER_H,
+        "capacity2": o.capacity_error**2 * o.capacity_error_coherence,
+        "gap2_per_s2": (o.gap_current_sd_c / _S_PER_H) ** 2,
+        "current2": o.current_noise_a**2,
+        "resistance2": o.resistance_model_error**2,
+        "spread2": o.cell_resistance_spread**2,
+        "ocv2": o.ocv_error_v**2,
+        "cell_ocv2": o.cell_ocv_error_v**2,
+        "cell_rw2": o.cell_offset_rw**2,
+        "cell_rate_rw2": o.cell_rate_rw**2,
+        "cell_r_rw2_per_s": o.cell_r_rw_per_sqrt_h**2 / _S_PER_H,
+        "hyst_error": o.hyst_error,
+        "conn_frac": o.connector_share / (1.0 + o.connector_share),
+        "max_gap_s": o.max_gap_s,
+        "ocv_error_corr_s": o.ocv_error_corr_s,
+        "ocv_error_corr_soc": o.ocv_error_corr_soc,
+        "t_ref_k": REFERENCE_TEMP_C + 273.15,
+    }
+    # Floats, whatever the options were given as: an int would compile the kernel once more.
+    return _soc_filter.Consts(**{k: float(v) for k, v in values.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1317,7 +1324,7 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
 
 @register
 class SocEstimator(Estimator[SocState, SocEstimate]):
-    """Track every pack's SoC with one extended Kalman filter vectorised over packs.
+    """Track every pack's SoC with one extended Kalman filter per pack, run for all packs at once.
 
     The model, its tuning and how rows are handled (duplicates, late rows, gaps, NaN) are in
     the module docstring. The BMS's ``soc_bms`` is never used.
