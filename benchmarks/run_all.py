@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 RUNNER = (
     "import importlib.util, json, sys\n"
     "spec = importlib.util.spec_from_file_location('bench', sys.argv[1])\n"
-    "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+    "mod = importlib.util.module_from_spec(spec); sys.modules['bench'] = mod; spec.loader.exec_module(mod)\n"
     "print('@@RESULT@@' + json.dumps(mod.main(), default=str))\n"
 )
 

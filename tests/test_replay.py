@@ -252,3 +252,61 @@ def test_replay_and_evaluate_refuse_bad_sources_clearly(tmp_path: Path, run_dir:
         evaluate_run(run_dir, estimates_dir=tmp_path)
     result = runner.invoke(app, ["replay", str(tmp_path / "nope")])
     assert result.exit_code != 0
+
+
+def test_rows_that_break_the_contract_are_refused_and_the_rest_replays_as_without_them(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    """A file is not checked as a message is: replay applies the contract's checks, refuses, counts, goes on.
+
+    One absurd current (1e200 A), one NaN voltage and one negative SoC from the BMS, and a pack
+    whose metadata gives a negative capacity: the replay finishes, refuses exactly those rows
+    with the live service's reasons, writes them to rejects.parquet, and every estimate equals
+    that of the same run with the rows taken out beforehand.
+    """
+    dirty, clean = tmp_path / "dirty", tmp_path / "clean"
+    for folder in (dirty, clean):
+        folder.mkdir()
+        for name in ("packs.parquet", "status.parquet", "site.parquet", "run.json"):
+            if (run_dir / name).exists():
+                (folder / name).write_bytes((run_dir / name).read_bytes())
+    tele = pl.read_parquet(run_dir / "telemetry.parquet")
+    packs = tele["pack"].unique(maintain_order=True).to_list()
+    spoil = {
+        (packs[0], 600): ("current_a", 1e200),
+        (packs[1], 900): ("voltage_v", float("nan")),
+        (packs[2], 1200): ("soc_bms", -0.5),
+    }
+    key = pl.struct("pack", "seq")
+    out = tele
+    for (pack, seq), (column, value) in spoil.items():
+        hit = (pl.col("pack") == pack) & (pl.col("seq") == seq)
+        out = out.with_columns(pl.when(hit).then(pl.lit(value)).otherwise(pl.col(column)).alias(column))
+    out.write_parquet(dirty / "telemetry.parquet")
+    spoilt = pl.DataFrame({"pack": [p for p, _ in spoil], "seq": [s for _, s in spoil]})
+    tele.join(spoilt, on=["pack", "seq"], how="anti", maintain_order="left").write_parquet(clean / "telemetry.parquet")
+    meta = pl.read_parquet(run_dir / "packs.parquet")
+    bad_pack = packs[3]
+    meta.with_columns(
+        pl.when(pl.col("pack") == bad_pack).then(-1.0).otherwise(pl.col("rated_capacity_ah")).alias("rated_capacity_ah")
+    ).write_parquet(dirty / "packs.parquet")
+    meta.filter(pl.col("pack") != bad_pack).write_parquet(clean / "packs.parquet")
+    assert out.filter(key.is_in(spoilt.select(key).to_series().implode())).height == 3
+
+    result = runner.invoke(app, ["replay", str(dirty)])
+    assert result.exit_code == 0, result.output
+    assert "rejects: " in result.output
+    assert "out_of_range 3" in result.output  # current, SoC and capacity beyond their bounds
+    assert "not_finite 1" in result.output  # the NaN voltage
+    rejects = pl.read_parquet(dirty / "rejects.parquet")
+    assert rejects.height == 4
+    assert sorted(rejects["topic"].to_list()) == ["pack_meta", "pack_telemetry", "pack_telemetry", "pack_telemetry"]
+    fields = ("current_a", "voltage_v", "soc_bms", "rated_capacity_ah")
+    assert sorted(next(f for f in fields if f in d) for d in rejects["detail"]) == sorted(fields)
+
+    assert runner.invoke(app, ["replay", str(clean)]).exit_code == 0
+    got = pl.read_parquet(dirty / "estimates.parquet")
+    want = pl.read_parquet(clean / "estimates.parquet")
+    assert got.height > 0
+    assert got.equals(want)
+    assert pl.read_parquet(dirty / "site_estimates.parquet").equals(pl.read_parquet(clean / "site_estimates.parquet"))

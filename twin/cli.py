@@ -744,6 +744,8 @@ def replay(
         highlight=False,
     )
     rejects = {k: v for k, v in quality.items() if k not in ("duplicate", "late") and v}
+    for reason, n in info.get("refused", {}).items():  # rows of the source the contract refused
+        rejects[reason] = rejects.get(reason, 0) + n
     rejects.update({k: v for k, v in getattr(run, "notes", {}).items() if v})
     skipped = getattr(run, "skipped", ())
     if skipped:

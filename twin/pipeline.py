@@ -81,7 +81,7 @@ from twin.contract import (
 )
 from twin.errors import PayloadError, TopicError
 
-__all__ = ["EXCERPT_CHARS", "INGEST_KINDS", "REJECTS_SCHEMA", "Decoded", "decode_batch", "output_schema"]
+__all__ = ["EXCERPT_CHARS", "INGEST_KINDS", "REJECTS_SCHEMA", "Decoded", "check_rows", "decode_batch", "output_schema"]
 
 #: How many characters of a refused payload the rejects frame keeps.
 EXCERPT_CHARS: Final = 200
@@ -505,8 +505,11 @@ def _not_string(value: pl.Expr, key: str) -> pl.Expr:
     return maybe & ~quoted
 
 
-def _value_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> list[pl.Expr]:
-    """Return the checks of a present value, in pydantic's order: each a code when it fails, else null."""
+def _value_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes, *, typed: bool = False) -> list[pl.Expr]:
+    """Return the checks of a present value, in pydantic's order: each a code when it fails, else null.
+
+    ``typed``: the value comes from a typed column, not from a payload (no raw text to consult).
+    """
     checks: list[tuple[pl.Expr, pl.Expr]] = []
     if spec.kind == "float":
         checks.append((~value.is_finite(), codes.error("finite_number", where, "Input should be a finite number")))
@@ -515,9 +518,10 @@ def _value_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> lis
         failed = {at.Ge: value < bound, at.Gt: value <= bound, at.Le: value > bound, at.Lt: value >= bound}[bound_type]
         checks.append((failed, codes.error(error_type, where, f"Input should be {words} {bound}")))
     if spec.kind == "str":
-        checks.append(
-            (_not_string(value, spec.key), codes.error("string_type", where, "Input should be a valid string"))
-        )
+        if not typed:
+            checks.append(
+                (_not_string(value, spec.key), codes.error("string_type", where, "Input should be a valid string"))
+            )
         if spec.max_length is not None:
             message = f"String should have at most {spec.max_length} characters"
             checks.append((value.str.len_chars() > spec.max_length, codes.error("string_too_long", where, message)))
@@ -531,15 +535,17 @@ def _value_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> lis
         message = "Input should be " + " or ".join(repr(v) for v in spec.literals)
         checks.append((~value.is_in(spec.literals), codes.error("literal_error", where, message)))
     elif spec.kind == "list":
-        return _list_checks(spec, value, where, codes)
+        return _list_checks(spec, value, where, codes, typed=typed)
     elif spec.kind == "struct":
         return [
-            pl.coalesce([_field_code(s, value.struct.field(s.key), f"{where}.{s.key}", codes) for s in spec.fields])
+            pl.coalesce(
+                [_field_code(s, value.struct.field(s.key), f"{where}.{s.key}", codes, typed=typed) for s in spec.fields]
+            )
         ]
     return [pl.when(failed).then(code) for failed, code in checks]
 
 
-def _list_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> list[pl.Expr]:
+def _list_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes, *, typed: bool = False) -> list[pl.Expr]:
     """Return a list's checks: too long, then its first bad item, then too short (pydantic's order)."""
     if spec.item is None:  # pragma: no cover - _spec always sets it for a list
         msg = f"list field {spec.key!r} has no item spec"
@@ -551,7 +557,7 @@ def _list_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> list
             pl.when(element.is_null()).then(
                 codes.error(_TYPE_ERRORS[spec.item.kind], item_where, "Input should be a number")
             ),
-            *_value_checks(spec.item, element, item_where, codes),
+            *_value_checks(spec.item, element, item_where, codes, typed=typed),
         ]
     )
     first_bad = value.list.eval(item_code).list.drop_nulls().list.first()
@@ -566,13 +572,13 @@ def _list_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> list
     return checks
 
 
-def _field_code(spec: _Spec, value: pl.Expr, where: str, codes: _Codes) -> pl.Expr:
+def _field_code(spec: _Spec, value: pl.Expr, where: str, codes: _Codes, *, typed: bool = False) -> pl.Expr:
     """Return the code of a field's first problem, or null.
 
     A null value is an absent key here: a key given as ``null`` makes the row's key count
     disagree, which sends the row to the reference before this code is used.
     """
-    checks = _value_checks(spec, value, where, codes)
+    checks = _value_checks(spec, value, where, codes, typed=typed)
     if spec.required:
         checks.insert(0, pl.when(value.is_null()).then(codes.error("missing", where, "Field required")))
     return pl.coalesce(checks) if checks else _NO_CODE
@@ -679,6 +685,49 @@ def _plan(model: type[Message]) -> _Plan:
         mismatch_detail=mismatch_detail,
         max_open=1 + _open_brackets(specs),
     )
+
+
+@cache
+def _row_checks(model: type[Message]) -> tuple[pl.Expr, tuple[str, ...], tuple[str, ...]]:
+    """The field checks of :func:`_plan`, for rows already in typed columns: the code, reasons, details."""
+    codes = _Codes(f"{model.schema_name}/{CONTRACT_VERSION}")
+    specs = [s for s in _model_specs(model) if s.key != "schema"]
+    code = pl.coalesce([_field_code(s, pl.col(s.key), s.key, codes, typed=True) for s in specs])
+    return code, tuple(codes.reasons), tuple(codes.details)
+
+
+def check_rows(frame: pl.DataFrame, model: type[Message]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Check rows that arrive already typed (a replayed file's) against the contract, as messages are.
+
+    The same checks, derived from the same pydantic fields, as a decoded message gets: required
+    fields, ranges, finiteness, patterns, lengths, ``Literal`` values, list items and nested
+    records, the reason being the first failing check in field order. What only a payload has
+    (its ``schema`` field, its raw text, its topic) does not apply.
+
+    Args:
+        frame: rows with the model's columns (:func:`output_schema`), ``msg`` optional.
+        model: the contract model the rows are.
+
+    Returns:
+        The rows that pass (the frame's columns, in order), and the refused ones with
+        :data:`REJECTS_SCHEMA` (``msg`` the row's, or its position without one; no topic; the
+        excerpt is the row as JSON).
+    """
+    code, reasons, details = _row_checks(model)
+    coded = frame.with_columns(code.alias("__code"), pl.int_range(pl.len(), dtype=pl.Int64).alias("__row"))
+    bad = coded.get_column("__code").is_not_null()
+    if not bad.any():
+        return frame, pl.DataFrame(schema=REJECTS_SCHEMA)
+    columns = [k for k in frame.columns if k != "msg"]
+    numbers = list(range(len(reasons)))
+    refused = coded.filter(bad).select(
+        (pl.col("msg").cast(pl.Int64) if "msg" in frame.columns else pl.col("__row")).alias("msg"),
+        pl.lit("", dtype=pl.String).alias("topic"),
+        pl.col("__code").replace_strict(numbers, list(reasons), return_dtype=pl.String).alias("reason"),
+        pl.col("__code").replace_strict(numbers, list(details), return_dtype=pl.String).alias("detail"),
+        pl.struct(columns).struct.json_encode().str.slice(0, EXCERPT_CHARS).alias("payload_excerpt"),
+    )
+    return frame.filter(~bad), refused
 
 
 # --------------------------------------------------------------------------- fast path and reference

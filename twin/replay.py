@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 
 from twin import contract as c
 from twin.errors import TwinError
-from twin.pipeline import REJECTS_SCHEMA, Decoded, output_schema
+from twin.pipeline import REJECTS_SCHEMA, Decoded, check_rows, output_schema
 from twin.state import CoreOptions, IngestResult, TwinCore
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
 ESTIMATES_FILE: Final = "estimates.parquet"
 SITE_ESTIMATES_FILE: Final = "site_estimates.parquet"
 REPLAY_INFO_FILE: Final = "replay.json"
+REPLAY_REJECTS_FILE: Final = "rejects.parquet"
 
 
 class ReplayError(TwinError):
@@ -157,6 +158,8 @@ class ReplayResult:
     estimates: pl.DataFrame
     site_estimates: pl.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+    #: Rows the contract refused (:data:`~twin.pipeline.REJECTS_SCHEMA`, ``topic`` the schema's name).
+    rejects: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=REJECTS_SCHEMA))
 
 
 def replay_run(
@@ -182,6 +185,19 @@ def replay_run(
     """
     core = TwinCore(core_options or CoreOptions(site=run.site))
     every_ms = round(options.every_s * 1000)
+    # Rows that break the contract (a file is not checked as a message is) are refused and
+    # counted, as the live service refuses such messages; the rest go on.
+    refused: list[pl.DataFrame] = []
+
+    def checked(frame: pl.DataFrame, model: type[c.Message]) -> pl.DataFrame:
+        ok, bad = check_rows(frame, model)
+        if bad.height:
+            refused.append(bad.with_columns(pl.lit(model.schema_name).alias("topic")))
+        return ok
+
+    meta = checked(run.meta, c.PackMeta)
+    status_rows = checked(run.status, c.PackStatus)
+    site_rows = checked(run.site_rows, c.SiteTelemetry)
     empty = {kind: pl.DataFrame(schema=output_schema(model)) for kind, model in _KINDS.items()}
     packs_out: list[pl.DataFrame] = []
     site_out: list[pl.DataFrame] = []
@@ -200,7 +216,7 @@ def replay_run(
         frames = dict(empty)
         frames["telemetry"] = _with_msg(tele)
         if meta_pending:
-            frames["meta"] = _with_msg(run.meta)
+            frames["meta"] = _with_msg(meta)
             meta_pending = False
         frames["status"] = _with_msg(status_w.get(w, empty_status))
         frames["site"] = _with_msg(site_w.get(w, empty_site))
@@ -215,15 +231,19 @@ def replay_run(
 
     status_w: dict[int, pl.DataFrame] = {}
     site_w: dict[int, pl.DataFrame] = {}
-    empty_status = run.status.clear()
-    empty_site = run.site_rows.clear()
+    empty_status = status_rows.clear()
+    empty_site = site_rows.clear()
     carry: _Windowed | None = None
     last_w = -1
-    for batch in run.telemetry_batches(options.batch_rows):
-        if start_ms is None:
+    for raw in run.telemetry_batches(options.batch_rows):
+        batch = checked(raw, c.PackTelemetry)
+        if start_ms is None and batch.height:
             start_ms = int(batch["ts_ms"].min())  # type: ignore[arg-type]
-            status_w = _by_window(run.status, window_of())
-            site_w = _by_window(run.site_rows, window_of())
+            status_w = _by_window(status_rows, window_of())
+            site_w = _by_window(site_rows, window_of())
+        if start_ms is None:
+            done_rows += raw.height
+            continue
         frame = _Windowed.of(batch, start_ms, every_ms)
         if carry is not None:
             frame = carry.then(frame)
@@ -237,7 +257,7 @@ def replay_run(
                 run_window(skipped, part.clear())
             run_window(w, part)
             last_w = w
-        done_rows += batch.height
+        done_rows += raw.height
         if progress is not None:
             progress(done_rows)
     if carry is not None and carry.frame.height:
@@ -247,6 +267,7 @@ def replay_run(
         run_window(w, carry.frame)
         last_w = w
     wall_s = time.perf_counter() - started
+    rejects = pl.concat(refused) if refused else pl.DataFrame(schema=REJECTS_SCHEMA)
     estimates = pl.concat(packs_out, how="vertical_relaxed") if packs_out else pl.DataFrame()
     site_estimates = pl.concat(site_out, how="vertical_relaxed") if site_out else pl.DataFrame()
     info = {
@@ -261,14 +282,17 @@ def replay_run(
         "wall_s": round(wall_s, 3),
         "rows_per_s": round(done_rows / wall_s) if wall_s > 0 else None,
         "quality": dict(core.counters),
+        "refused": {str(k): int(n) for k, n in rejects.group_by("reason").len().iter_rows()},
         "estimation": dict(core.estimation.counters),
         "soc_filter": core.estimation.soc.counters() if core.estimation.soc is not None else {},
     }
-    return ReplayResult(estimates=estimates, site_estimates=site_estimates, info=info)
+    return ReplayResult(estimates=estimates, site_estimates=site_estimates, info=info, rejects=rejects)
 
 
 def write_outputs(result: ReplayResult, out: Path) -> list[Path]:
     """Write ``estimates.parquet``, ``site_estimates.parquet`` and ``replay.json`` into ``out``.
+
+    And ``rejects.parquet`` when the contract refused rows of the source.
 
     Returns:
         The paths written.
@@ -278,6 +302,9 @@ def write_outputs(result: ReplayResult, out: Path) -> list[Path]:
     result.estimates.write_parquet(paths[0], statistics=True)
     result.site_estimates.write_parquet(paths[1], statistics=True)
     paths[2].write_text(json.dumps(result.info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if result.rejects.height:
+        paths.append(out / REPLAY_REJECTS_FILE)
+        result.rejects.write_parquet(paths[-1])
     return paths
 
 
