@@ -681,3 +681,44 @@ def test_refuses_bad_arguments() -> None:
         pipeline.decode_batch(["a"], [], site=SITE)
     with pytest.raises(TopicError):
         pipeline.decode_batch([], [], site="ne vada")
+
+
+def test_typed_rows_get_the_checks_and_reasons_a_message_gets() -> None:
+    """check_rows (a replayed file's rows) refuses what decode_batch refuses, with the same reason and detail.
+
+    Only NaN differs in its detail: in a payload it is not JSON at all, and the reader says so.
+    """
+    base = json.loads(c.encode(SAMPLES["pack_telemetry"]))
+    variants: list[dict[str, Any]] = [
+        {},
+        {"current_a": 1e9},
+        {"voltage_v": -1.0},
+        {"soc_bms": 1.5},
+        {"temp_avg_c": float("nan")},
+        {"cell_v_min_idx": -3},
+        {"pack": "has space"},
+        {"fault_bits": -1},
+        {"current_a": 5.0, "voltage_v": 2e9},  # the first failing field in field order
+    ]
+    rows = [{**base, **v} for v in variants]
+    topics = [c.topic(c.TopicKind.PACK_TELEMETRY, "s1", str(r["pack"]).replace(" ", "_")) for r in rows]
+    payloads = [json.dumps(r, allow_nan=True).encode() for r in rows]
+    # the topic's pack must match the payload's for decode_batch; a spaced pack gets its own topic
+    decoded = pipeline.decode_batch(topics, payloads, site="s1")
+    by_msg = {m: (r, d) for m, r, d in decoded.rejects.select("msg", "reason", "detail").iter_rows()}
+    typed = pl.DataFrame(
+        [{k: v for k, v in r.items() if k != "schema"} for r in rows],
+        schema={k: t for k, t in pipeline.output_schema(c.PackTelemetry).items() if k != "msg"},
+        orient="row",
+    )
+    accepted, refused = pipeline.check_rows(typed, c.PackTelemetry)
+    got = {m: (r, d) for m, r, d in refused.select("msg", "reason", "detail").iter_rows()}
+    wanted = {m: v for m, v in by_msg.items() if v[0] != "pack_mismatch"}
+    nan = 4
+    assert got[nan] == ("not_finite", "pack_telemetry/1: temp_avg_c: Input should be a finite number")
+    assert wanted[nan][0] == "not_finite"
+    got[nan] = wanted[nan]
+    assert got == wanted
+    assert len(got) == len(variants) - 1
+    assert accepted.height == 1
+    assert accepted.row(0, named=True)["current_a"] == base["current_a"]

@@ -572,14 +572,16 @@ def _list_checks(spec: _Spec, value: pl.Expr, where: str, codes: _Codes, *, type
     return checks
 
 
-def _field_code(spec: _Spec, value: pl.Expr, where: str, codes: _Codes, *, typed: bool = False) -> pl.Expr:
+def _field_code(
+    spec: _Spec, value: pl.Expr, where: str, codes: _Codes, *, typed: bool = False, require: bool = True
+) -> pl.Expr:
     """Return the code of a field's first problem, or null.
 
     A null value is an absent key here: a key given as ``null`` makes the row's key count
     disagree, which sends the row to the reference before this code is used.
     """
     checks = _value_checks(spec, value, where, codes, typed=typed)
-    if spec.required:
+    if spec.required and require:
         checks.insert(0, pl.when(value.is_null()).then(codes.error("missing", where, "Field required")))
     return pl.coalesce(checks) if checks else _NO_CODE
 
@@ -688,15 +690,15 @@ def _plan(model: type[Message]) -> _Plan:
 
 
 @cache
-def _row_checks(model: type[Message]) -> tuple[pl.Expr, tuple[str, ...], tuple[str, ...]]:
+def _row_checks(model: type[Message], require: bool) -> tuple[pl.Expr, tuple[str, ...], tuple[str, ...]]:
     """The field checks of :func:`_plan`, for rows already in typed columns: the code, reasons, details."""
     codes = _Codes(f"{model.schema_name}/{CONTRACT_VERSION}")
     specs = [s for s in _model_specs(model) if s.key != "schema"]
-    code = pl.coalesce([_field_code(s, pl.col(s.key), s.key, codes, typed=True) for s in specs])
+    code = pl.coalesce([_field_code(s, pl.col(s.key), s.key, codes, typed=True, require=require) for s in specs])
     return code, tuple(codes.reasons), tuple(codes.details)
 
 
-def check_rows(frame: pl.DataFrame, model: type[Message]) -> tuple[pl.DataFrame, pl.DataFrame]:
+def check_rows(frame: pl.DataFrame, model: type[Message], *, require: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Check rows that arrive already typed (a replayed file's) against the contract, as messages are.
 
     The same checks, derived from the same pydantic fields, as a decoded message gets: required
@@ -707,13 +709,15 @@ def check_rows(frame: pl.DataFrame, model: type[Message]) -> tuple[pl.DataFrame,
     Args:
         frame: rows with the model's columns (:func:`output_schema`), ``msg`` optional.
         model: the contract model the rows are.
+        require: refuse rows without a field the model requires; False lets nulls pass (a
+            cycler's log has no BMS SoC) and checks the values that are there.
 
     Returns:
         The rows that pass (the frame's columns, in order), and the refused ones with
         :data:`REJECTS_SCHEMA` (``msg`` the row's, or its position without one; no topic; the
         excerpt is the row as JSON).
     """
-    code, reasons, details = _row_checks(model)
+    code, reasons, details = _row_checks(model, require)
     coded = frame.with_columns(code.alias("__code"), pl.int_range(pl.len(), dtype=pl.Int64).alias("__row"))
     bad = coded.get_column("__code").is_not_null()
     if not bad.any():
