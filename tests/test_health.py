@@ -464,6 +464,11 @@ def test_emulator_rul_against_the_true_time_to_eol(aging_run: tuple[Emulation, p
     assert soh_mae < 0.01
     assert mape_plain < 0.30  # 24.5 % on this run (seeded): the scalar is loosely pinned by 3 days of 1 % noise
     assert coverage_plain >= 0.8
+    # A knee that has not begun leaves no trace, but the forecast weighs in one beginning now
+    # (HealthOptions.knee_risk_second_life): P5 is about these packs' true life (1.1-1.2 times
+    # it on this run; 13 to 40 times before).
+    assert kneed.height >= 3
+    assert (kneed["rul_days_p5"] <= 1.5 * kneed["days_to_eol"]).all()
     # Knee flags on packs without a drawn knee are rare (a false knee shortens the forecast).
     assert int(f.filter(~pl.col("knee_drawn") & pl.col("knee"))["pack"].len()) <= 2
 

@@ -138,6 +138,14 @@ class HealthOptions:
         site_efc_per_day_prior: EFC per day assumed for a pack's time at the site before
             tracking began.
         rul_quantile_points: posterior quantiles of the scalar the forecast is run for.
+        knee_risk_second_life: the chance that a second-life pack without a detected knee
+            meets one within its forecast. A knee leaves no trace before it begins, and past
+            it a pack can lose what life it has left within 15-25 % of its cycle count
+            (BATTERY_NOTES 3, Attia et al. 2022); the share of retired packs near their knee
+            is not published: 10 % is an assumption (the emulated sites make the same one).
+            The forecast weighs in the case of a knee beginning now by this share, so P5
+            reads it whenever the share reaches 5 %. 0 turns it off.
+        knee_risk_new: the same for a new pack (0: its knee lies beyond its first life).
         horizon_days: forecasts stop here (RUL inf beyond), real days.
         step_fraction: forecast step as a share of the law's age. The duty is constant over a
             forecast, so BLAST-Lite's incremental rules hardly depend on the step: 0.05 moved
@@ -168,6 +176,8 @@ class HealthOptions:
     max_gap_s: float = 600.0
     site_efc_per_day_prior: float = 1.0
     rul_quantile_points: int = 15
+    knee_risk_second_life: float = 0.10
+    knee_risk_new: float = 0.0
     horizon_days: float = 36_500.0
     step_fraction: float = 0.05
     min_step_days: float = 1.0 / 24.0
@@ -192,6 +202,9 @@ class HealthOptions:
             if getattr(self, name) <= 0:
                 msg = f"HealthOptions.{name} must be positive"
                 raise EstimatorError(msg)
+        if not (self.knee_risk_second_life <= 1 and self.knee_risk_new <= 1):
+            msg = "HealthOptions knee risks are chances: at most 1"
+            raise EstimatorError(msg)
         if self.scalar_grid_points < 5 or self.rul_quantile_points < 3 or self.history_points < 16:
             msg = "HealthOptions needs scalar_grid_points >= 5, rul_quantile_points >= 3, history_points >= 16"
             raise EstimatorError(msg)
@@ -986,30 +999,42 @@ class HealthTracker:
         return out
 
     def _forecast(self, w: F64, h0: F64, h0_var: F64, knee: B, knee_ms: I64) -> tuple[F64, ...]:
-        """Run the laws forward under the recent duty; return RUL days P5/P50/P95 and EFC P5/P50/P95."""
+        """Run the laws forward under the recent duty; return RUL days P5/P50/P95 and EFC P5/P50/P95.
+
+        Each pack runs for ``rul_quantile_points`` quantiles of its rate scalar (and three
+        levels each); a pack with a knee risk (:attr:`HealthOptions.knee_risk_second_life`)
+        and no detected knee runs once more at its median scalar with a knee beginning now,
+        weighed by the risk.
+        """
         s, o, pk = self._state, self.options, self._packs
         n, g = len(pk.pack_ids), self._grid.size
         m = int(o.rul_quantile_points)
         levels = (np.arange(m) + 0.5) / m
         cdf = np.cumsum(w, axis=1)
         pick = np.clip((cdf[:, None, :] < levels[None, :, None]).sum(axis=2), 0, g - 1)  # (n, m) grid indices
+        risk = np.where(knee, 0.0, np.where(pk.second_life, o.knee_risk_second_life, o.knee_risk_new))
         duty = _duty(s)
         scale = o.aging_clock_scale
-        days = np.full((n, m, 3), np.inf)
-        efcs = np.full((n, m, 3), np.inf)
+        days = np.full((n, m + 1, 3), np.inf)  # the last: a knee beginning now
+        efcs = np.full((n, m + 1, 3), np.inf)
+        onset_all = _onset_efc(s, knee, knee_ms)
         for grp in s.groups:
             law = self._laws[grp.name]
             mem = grp.members
-            rows = (np.arange(mem.size)[:, None] * g + pick[mem]).reshape(-1)  # (mem * m,)
+            risky = np.flatnonzero(risk[mem] > 0.0)  # members that also run with a knee now
+            picked = np.concatenate([pick[mem].reshape(-1), pick[mem[risky], m // 2]])  # grid index per row
+            local = np.concatenate([np.repeat(np.arange(mem.size), m), risky])
+            rows = local * g + picked
+            now = np.arange(rows.size) >= mem.size * m
             state = _take_state(grp.state, rows)
             q0 = grp.q0[rows]
-            scalar = self._grid[pick[mem].reshape(-1)]
-            pack_of = np.repeat(mem, m)
-            h = h0[mem[:, None], pick[mem]].reshape(-1)
-            hs = np.sqrt(np.maximum(h0_var[mem[:, None], pick[mem]].reshape(-1), 0.0))
+            scalar = self._grid[picked]
+            pack_of = mem[local]
+            h = h0[pack_of, picked]
+            hs = np.sqrt(np.maximum(h0_var[pack_of, picked], 0.0))
             target = pk.eol_soh[pack_of][:, None] / np.maximum(h[:, None] + hs[:, None] * _GH3_NODES[None, :], 1e-6)
-            # Knee-aware: the extra loss of the knee model from the detected onset on.
-            onset_real = _onset_efc(s, knee, knee_ms)[pack_of]
+            # Knee-aware: the extra loss of the knee model from the detected onset on (or from now).
+            onset_real = np.where(now, s.efc[pack_of], onset_all[pack_of])
             has_knee = np.isfinite(onset_real)
             efc_law0 = state.efc
             x0 = np.where(has_knee, scalar * np.maximum(s.efc[pack_of] - onset_real, 0.0) * scale, 0.0)
@@ -1040,11 +1065,16 @@ class HealthTracker:
                 efc_real += step * efc_rate
                 r_prev, state = r_new, new
                 open_ = open_ & ~np.all(np.isfinite(out_days), axis=1) & (elapsed < o.horizon_days - 1e-9)
-            days[mem] = out_days.reshape(mem.size, m, 3)
-            efcs[mem] = out_efc.reshape(mem.size, m, 3)
-        weights = np.broadcast_to(_GH3_WEIGHTS[None, None, :] / m, (n, m, 3)).reshape(n, -1)
-        qd = _weighted_quantiles(days.reshape(n, -1), weights, (0.05, 0.5, 0.95))
-        qe = _weighted_quantiles(efcs.reshape(n, -1), weights, (0.05, 0.5, 0.95))
+            base = mem.size * m
+            days[mem, :m] = out_days[:base].reshape(mem.size, m, 3)
+            efcs[mem, :m] = out_efc[:base].reshape(mem.size, m, 3)
+            days[mem[risky], m] = out_days[base:]
+            efcs[mem[risky], m] = out_efc[base:]
+        weight = np.empty((n, m + 1, 3))
+        weight[:, :m] = _GH3_WEIGHTS[None, None, :] / m * (1.0 - risk)[:, None, None]
+        weight[:, m] = _GH3_WEIGHTS[None, :] * risk[:, None]
+        qd = _weighted_quantiles(days.reshape(n, -1), weight.reshape(n, -1), (0.05, 0.5, 0.95))
+        qe = _weighted_quantiles(efcs.reshape(n, -1), weight.reshape(n, -1), (0.05, 0.5, 0.95))
         return (*qd, *qe)
 
     def __repr__(self) -> str:
