@@ -263,7 +263,11 @@ class SocFlag(enum.IntFlag):
     OUT_OF_VALIDITY = 2
     """The last sample's temperature, C-rate or the SoC lies outside the chemistry's validity range."""
     UNCERTAIN = 4
-    """``soc_std`` exceeds :attr:`SocOptions.uncertain_soc_std`."""
+    """The mean cell's ``soc_std`` exceeds :attr:`SocOptions.uncertain_soc_std`.
+
+    The usable SoC's std (``soc_usable_std``, what the twin publishes) is not read: a pack at
+    rest whose extreme cells' capacities are not yet known would be flagged for that alone.
+    """
     LFP_PLATEAU = 8
     """The OCV is flat at this SoC (slope below :attr:`SocOptions.plateau_slope_v`): SoC is coulomb-counted."""
     NO_DATA = 16
