@@ -284,21 +284,29 @@ def test_500_packs_at_once_equal_per_pack_runs(law_name: str) -> None:
             assert got == pytest.approx(want, rel=1e-10, abs=1e-14), f"pack {i} field {f.name}"
 
 
+@pytest.mark.parametrize("shared_temps", [1, 3])
 @pytest.mark.parametrize("law_name", sorted(AGING_LAWS))
-def test_packs_at_one_temperature_age_as_each_would_alone(law_name: str) -> None:
-    """Rates on the SoC grid are evaluated once when every pack shares a temperature: the same to the bit."""
+def test_packs_sharing_temperatures_age_as_each_would_alone(law_name: str, shared_temps: int) -> None:
+    """Rates on the SoC grid are evaluated once per distinct temperature: the same to the bit.
+
+    All twelve packs at one temperature (the placement's first life), or at three (the
+    forecast's rows of one pack share its duty temperature).
+    """
     law = get_aging_law(law_name)
-    soc = np.linspace(0.2, 0.9, 6)
-    shared = Stressors.from_means(dt_days=30.0, temp_k=303.15, soc_mean=soc, dod=0.6, c_rate_mean=0.3, efc=20.0)
-    fleet = law.step(law.initial_state(soc.size), shared, scalar=np.linspace(0.8, 1.2, soc.size))
-    fleet = law.step(fleet, shared, scalar=np.linspace(0.8, 1.2, soc.size))
-    for i in range(soc.size):
-        alone = Stressors.from_means(dt_days=30.0, temp_k=303.15, soc_mean=soc[i], dod=0.6, c_rate_mean=0.3, efc=20.0)
-        one = law.step(law.initial_state(1), alone, scalar=np.linspace(0.8, 1.2, soc.size)[i])
-        one = law.step(one, alone, scalar=np.linspace(0.8, 1.2, soc.size)[i])
+    n = 12
+    soc = np.linspace(0.2, 0.9, n)
+    temp = np.array([298.15, 303.15, 313.15])[np.arange(n) % shared_temps]
+    scalar = np.linspace(0.8, 1.2, n)
+    shared = Stressors.from_means(dt_days=30.0, temp_k=temp, soc_mean=soc, dod=0.6, c_rate_mean=0.3, efc=20.0)
+    fleet = law.step(law.initial_state(n), shared, scalar=scalar)
+    fleet = law.step(fleet, shared, scalar=scalar)
+    for i in range(n):
+        alone = Stressors.from_means(dt_days=30.0, temp_k=temp[i], soc_mean=soc[i], dod=0.6, c_rate_mean=0.3, efc=20.0)
+        one = law.step(law.initial_state(1), alone, scalar=scalar[i])
+        one = law.step(one, alone, scalar=scalar[i])
         for f in dataclasses.fields(AgingState):
             assert getattr(fleet, f.name)[i] == getattr(one, f.name)[0], f"pack {i} field {f.name}"
-    assert len(set(fleet.q.tolist())) == soc.size  # the packs really differ
+    assert len(set(fleet.q.tolist())) == n  # the packs really differ
 
 
 def test_streamed_chunks_add_up_to_the_whole() -> None:

@@ -101,6 +101,7 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.intp]
 BoolArray = NDArray[np.bool_]
 
 SECONDS_PER_DAY: Final = 86_400.0
@@ -838,21 +839,32 @@ class _Components(NamedTuple):
     r_cyc_gain: FloatArray
 
 
-def _temp_column(temp: FloatArray) -> FloatArray:
-    """Temperatures as a column for a rate on the SoC grid: one row when every pack has the same.
+def _temp_column(temp: FloatArray) -> tuple[FloatArray, IntArray | None]:
+    """Temperatures as a column for a rate on the SoC grid, each distinct one once, and where each pack's is.
 
-    A rate on (packs x SoC grid) costs an exp per node and pack; the first-life chunks of the
-    health tracker's placement hold every pack at one temperature, and the grid is then
-    evaluated once and broadcast (the same values, at a hundredth of the cost).
+    A rate on (packs x SoC grid) costs an exp per node and pack. The health tracker's
+    placement holds every pack at one temperature in its first-life chunks, and its forecast
+    runs a pack's rate quantiles (about sixteen rows) at the pack's one duty temperature: the
+    grid is then evaluated once per distinct temperature (the same values, at a fraction of the
+    cost). Returns the column and the row of it each pack reads (None: one row for all, or
+    one row each in order).
     """
     if temp.size > 1 and bool(np.all(temp == temp[0])):
-        return temp[:1, np.newaxis]
-    return temp[:, np.newaxis]
+        return temp[:1, np.newaxis], None
+    if temp.size > 8:
+        uniq, at = np.unique(temp, return_inverse=True)
+        if 2 * uniq.size <= temp.size:
+            return uniq[:, np.newaxis], at
+    return temp[:, np.newaxis], None
 
 
-def _occupancy_mean(stressors: Stressors, rate_on_grid: FloatArray) -> FloatArray:
-    """Time-average a rate given on (n_packs or 1, SOC_GRID) nodes with the chunk's SoC occupancy."""
-    out: FloatArray = np.sum(stressors.soc_occupancy * rate_on_grid, axis=1)
+def _occupancy_mean(stressors: Stressors, rate_on_grid: FloatArray, at: IntArray | None = None) -> FloatArray:
+    """Time-average a rate given on (n_packs or 1, SOC_GRID) nodes with the chunk's SoC occupancy.
+
+    ``at``: the row of ``rate_on_grid`` each pack reads (:func:`_temp_column`), if not its own.
+    """
+    rate = rate_on_grid if at is None else rate_on_grid[at]
+    out: FloatArray = np.sum(stressors.soc_occupancy * rate, axis=1)
     return out
 
 
@@ -1029,7 +1041,7 @@ class Nmc811GrSiLgm50(_BlastLaw):
     q3_b2: float = 1.24459541295018
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
-        tn = (stressors.temp_k / _TREF_NORM_K)[:, np.newaxis]
+        tn, at = _temp_column(stressors.temp_k / _TREF_NORM_K)
         uan = _UA_GRID / _UA_NORM_V
         k_cal_grid = (
             self.q1_b0
@@ -1038,7 +1050,7 @@ class Nmc811GrSiLgm50(_BlastLaw):
             + self.q1_b3 * np.exp(SOC_GRID**0.5 / tn**2)
             + self.q1_b4 * np.exp(SOC_GRID**3)
         )
-        k_cal = _occupancy_mean(stressors, k_cal_grid)
+        k_cal = _occupancy_mean(stressors, k_cal_grid, at)
         cdis = stressors.c_rate_discharge_mean
         tn1 = stressors.temp_k / _TREF_NORM_K
         k_cyc = self.q3_b0 * np.exp(self.q3_b1 * cdis**3) * np.exp(self.q3_b2 * tn1**3 * cdis**0.5)
@@ -1165,7 +1177,8 @@ class NmcGr50AhB1(_BlastLaw):
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
         tn = stressors.temp_k / _TREF_NORM_K
         uan = _UA_GRID / _UA_NORM_V
-        kcal = _occupancy_mean(stressors, self.p1 * np.exp(self.p2 * uan ** (1.0 / 3.0) / (_temp_column(tn) ** 3)))
+        tn2, at = _temp_column(tn)
+        kcal = _occupancy_mean(stressors, self.p1 * np.exp(self.p2 * uan ** (1.0 / 3.0) / (tn2**3)), at)
         kcyc = np.abs(self.p3 * (stressors.dod**2 * tn**3 * stressors.c_rate_mean**0.5) ** self.p4)
         q_cal = state.q_cal_loss + scalar * power_law_increment(
             state.q_cal_loss, stressors.dt_days / 1e4, kcal, self.pcal
@@ -1219,8 +1232,8 @@ class LfpGr250AhPrismatic(_BlastLaw):
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
         t = stressors.temp_k
-        t2 = _temp_column(t)
-        kcal = _occupancy_mean(stressors, abs(self.p1) * np.exp(self.p2 / t2) * np.exp(self.p3 * _UA_GRID / t2))
+        t2, at = _temp_column(t)
+        kcal = _occupancy_mean(stressors, abs(self.p1) * np.exp(self.p2 / t2) * np.exp(self.p3 * _UA_GRID / t2), at)
         kcyc = (self.p4 + self.p5 * stressors.dod + self.p6 * stressors.c_rate_mean) * (
             np.exp(self.p7 / t) + np.exp(-self.p8 / t)
         )
@@ -1317,13 +1330,14 @@ class LfpGrSonyMurata3Ah(_BlastLaw):
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
         t = stressors.temp_k
-        t2 = _temp_column(t)
+        t2, at = _temp_column(t)
         dod = stressors.dod
         crate = stressors.c_rate_mean
         ua = _UA_GRID
         q1 = _occupancy_mean(
             stressors,
             np.abs(self.q1_b0 * np.exp(self.q1_b1 / t2**2 * ua**0.5) * np.exp(self.q1_b2 / t2 * ua**0.5)),
+            at,
         )
         q3 = _occupancy_mean(
             stressors,
@@ -1334,6 +1348,7 @@ class LfpGrSonyMurata3Ah(_BlastLaw):
                 * np.exp(self.q3_b3 / t2**3 * ua ** (1.0 / 3.0))
                 * np.exp(self.q3_b4 * t2**2 * ua**0.25)
             ),
+            at,
         )
         q5 = np.abs(self.q5_b0 + self.q5_b1 * dod + self.q5_b2 * np.exp(dod**2 * crate**3))
         soc_factor = _occupancy_mean(stressors, _skewnorm_pdf(SOC_GRID, self.q7_soc_skew, self.q7_soc_width))
@@ -1411,8 +1426,8 @@ class Nmc111GrKokam75Ah(_BlastLaw):
         t = stressors.temp_k
         tn = t / _TREF_NORM_K
         uan = _UA_GRID / _UA_NORM_V
-        tn2 = _temp_column(tn)
-        q1 = _occupancy_mean(stressors, self.q1_0 * np.exp(self.q1_1 / tn2) * np.exp(self.q1_2 * uan / tn2))
+        tn2, at = _temp_column(tn)
+        q1 = _occupancy_mean(stressors, self.q1_0 * np.exp(self.q1_1 / tn2) * np.exp(self.q1_2 * uan / tn2), at)
         q3 = self.q3_0 * np.exp(self.q3_1 / tn) * np.exp(self.q3_2 * np.exp(stressors.dod**2))
         q5 = self.q5_0 + self.q5_1 * (t - ZERO_CELSIUS_K - 55.0) * stressors.dod * (stressors.soc_mean / 0.6)
         q5 = np.maximum(q5, 1.0)
@@ -1483,8 +1498,10 @@ class LmoGrNissanLeaf66Ah2ndLife(_BlastLaw):
     qcyc_p: float = 1.08
 
     def _advance(self, state: AgingState, stressors: Stressors, scalar: FloatArray) -> _Components:
-        t2 = _temp_column(stressors.temp_k)
-        k_cal = _occupancy_mean(stressors, self.qcal_a * np.exp(self.qcal_b / t2) * np.exp(self.qcal_c * SOC_GRID / t2))
+        t2, at = _temp_column(stressors.temp_k)
+        k_cal = _occupancy_mean(
+            stressors, self.qcal_a * np.exp(self.qcal_b / t2) * np.exp(self.qcal_c * SOC_GRID / t2), at
+        )
         q_cal = state.q_cal_loss + scalar * power_law_increment(state.q_cal_loss, stressors.dt_days, k_cal, self.qcal_p)
         q_cyc = state.q_cyc_loss + scalar * power_law_increment(
             state.q_cyc_loss, stressors.efc, self.qcyc_a, self.qcyc_p
