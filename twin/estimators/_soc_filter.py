@@ -430,7 +430,7 @@ def _correct_cell(
     """
     soc, ocv, slope, var_soc, m_cell, outside, r_cell = mean
     r_, f_ = _lookup(row, soc + cx[CD])
-    ocv_cell = table[r_, OCV] + table[r_, OCV + 1] * f_
+    ocv_cell = _col(table, r_, f_, OCV)
     slope_cell = table[r_, OCV + 1] * (GRID_POINTS - 1)
     pred = ocv_cell - ocv - m_cell * cx[CX] + outside
     # H = [slope_cell, 0, -m]: P H^T from two columns of P.

@@ -49,6 +49,7 @@ __all__ = [
     "check_pack_ids",
     "group_time_order",
     "register",
+    "scattered",
 ]
 
 StateT = TypeVar("StateT")
@@ -234,4 +235,11 @@ def group_time_order(group: NDArray[np.int64], ts_ms: NDArray[np.int64]) -> NDAr
     if int(keys.max()) - low < 1 << 16:
         keys = (keys - low).astype(np.uint16)
     out: NDArray[np.intp] = by_time[np.argsort(keys, kind="stable")]
+    return out
+
+
+def scattered(old: NDArray[Any], rows: NDArray[np.intp], new: Any) -> NDArray[Any]:
+    """A copy of ``old`` with ``rows`` set to ``new``: a step's active packs written back into a new state."""
+    out = old.copy()
+    out[rows] = new
     return out

@@ -114,6 +114,7 @@ from twin.estimators.base import (
     check_non_negative,
     group_time_order,
     register,
+    scattered,
 )
 from twin.estimators.soc import PackInfo
 
@@ -785,9 +786,7 @@ def step(state: ResistanceState, grid: _Grid, params: _Params, options: Resistan
     last_k = np.maximum(grid.mask.sum(axis=0) - 1, 0)  # each pack's last sample in the batch
 
     def put(old: NDArray[Any], new: NDArray[Any]) -> Any:
-        out = np.array(old, copy=True)
-        out[p] = new
-        return out
+        return scattered(old, p, new)
 
     return dataclasses.replace(
         state,

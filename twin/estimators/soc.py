@@ -228,6 +228,7 @@ from twin.estimators.base import (
     check_pack_ids,
     group_time_order,
     register,
+    scattered,
 )
 
 __all__ = [
@@ -1086,9 +1087,7 @@ def step(state: SocState, samples: SocSamples, params: SocParams) -> SocState:
     )  # fmt: skip
 
     def put(old: Any, new: Any) -> Any:
-        merged = old.copy()
-        merged[act] = new
-        return merged
+        return scattered(old, act, new)
 
     return SocState(
         pack_ids=state.pack_ids,
