@@ -569,6 +569,36 @@ def test_the_usable_soc_std_carries_the_mean_s_and_the_extreme_cells_uncertainty
     assert est.soc_usable_std[1] == pytest.approx(0.02, rel=1e-12)
 
 
+def test_at_the_top_the_weakest_cell_is_full_first_and_its_rate_no_longer_counts() -> None:
+    """The string is full when its first cell is: near the top that is the small weakest cell.
+
+    Mean 0.9 (std 0.005), weakest cell 0.001 below moving 10 % faster (capacity 1 / 1.1 of the
+    mean's), strongest 0.001 above at the mean's capacity: the weakest holds 0.899 / 1.1 and has
+    room for 0.101 / 1.1, less than the strongest's 0.099, so it sets both ends and the usable
+    SoC is its own, 0.899 (0.892 with the strongest cell's room). Its rate then moves nothing:
+    two packs whose weakest-cell rates are known to 0.01 and to 0.1 state the same std, the
+    mean's and its offset's, du/dsoc = 1 and du/dd_min = 1 (less the strongest cell's nothing).
+    """
+    params = _two_nmc811_packs(("sure", "unsure"), soc0=0.9)
+    state = initial_state(params)
+    cov = state.cov.copy()
+    cov[:, 0, 0] = 0.005**2
+    cell_x, cell_cov = state.cell_x.copy(), state.cell_cov.copy()
+    cell_x[:, 0] = [-0.001, 0.1, 0.0]
+    cell_x[:, 1] = [0.001, 0.0, 0.0]
+    cell_cov[:, :, 0, 0] = 0.002**2  # cell voltages have arrived
+    cell_cov[:, :, 0, 1] = cell_cov[:, :, 1, 0] = 0.0
+    cell_cov[0, 0, 1, 1] = 0.01**2
+    cell_cov[1, 0, 1, 1] = 0.1**2
+    cell_cov[:, 1, 1, 1] = 0.01**2  # a settled strongest-cell rate
+    est = estimate_from_state(dataclasses.replace(state, cov=cov, cell_x=cell_x, cell_cov=cell_cov), params)
+    assert est.soc_usable[0] == pytest.approx(0.899, abs=1e-12)
+    assert est.soc_usable[1] == pytest.approx(0.899, abs=1e-12)
+    expected = np.sqrt(0.005**2 + 0.002**2)
+    assert est.soc_usable_std[0] == pytest.approx(expected, rel=1e-12)
+    assert est.soc_usable_std[1] == pytest.approx(expected, rel=1e-12)
+
+
 def test_step_is_pure_and_a_gap_inflates_the_covariance() -> None:
     est = SocEstimator.from_meta(CONTRACT_META)
     params, state = est.params, est.snapshot()

@@ -402,8 +402,12 @@ def _usable_share(soc: float, cx: F64) -> float:
     rate_min, rate_max = cx[0, CR], cx[1, CR]
     if not (-RATE_SLACK <= rate_min <= MAX_RATE and -MAX_RATE <= rate_max <= RATE_SLACK):
         return 1.0  # trackers that make no sense leave the count on the string's capacity
-    held = min(max(soc + cx[0, CD], 0.0), 1.0) / (1.0 + min(max(rate_min, 0.0), MAX_RATE))
-    room = (1.0 - min(max(soc + cx[1, CD], 0.0), 1.0)) / (1.0 + min(max(rate_max, -MAX_RATE), 0.0))
+    s_min, s_max = min(max(soc + cx[0, CD], 0.0), 1.0), min(max(soc + cx[1, CD], 0.0), 1.0)
+    k_min = 1.0 / (1.0 + min(max(rate_min, 0.0), MAX_RATE))
+    k_max = 1.0 / (1.0 + min(max(rate_max, -MAX_RATE), 0.0))
+    # Empty when the first cell is, full when the first is (see ``soc._held_room``).
+    held = min(s_min * k_min, s_max * k_max)
+    room = min((1.0 - s_min) * k_min, (1.0 - s_max) * k_max)
     share: float = min(max(held + room, MIN_USABLE_SHARE), 1.0)
     return share
 

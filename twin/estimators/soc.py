@@ -103,13 +103,15 @@ slopes (large for a cell on a steep end of LFP's curve while the mean is on the 
 ``rate`` and ``dr`` are random walks (another cell may take over as the extreme one).
 
 The outputs ``soc_min_cell = soc + d_min`` and ``soc_max_cell = soc + d_max`` give the
-string's usable SoC: a series string is empty when its weakest cell is empty and full when
-its strongest is full, so with each cell's capacity ``Q_mean / (1 + rate)``::
+string's usable SoC: a series string is empty when its first cell is empty and full when its
+first cell is full, so with each cell's capacity ``Q_mean / (1 + rate)``::
 
-    held = soc_min_cell / (1 + rate_min)          room = (1 - soc_max_cell) / (1 + rate_max)
+    held = min(soc_min_cell / (1 + rate_min), soc_max_cell / (1 + rate_max))
+    room = min((1 - soc_min_cell) / (1 + rate_min), (1 - soc_max_cell) / (1 + rate_max))
     soc_usable = held / (held + room)
 
-(``soc_min / (soc_min + 1 - soc_max)`` when the extreme cells have the mean's capacity). The
+(``soc_min / (soc_min + 1 - soc_max)`` when the extreme cells have the mean's capacity; at the
+top of a charge the weakest cell, level with the others by then, is the first full). The
 twin publishes ``soc_usable`` with ``soc_usable_std``: the mean's variance and each extreme
 cell's (its offset's, its rate's and their covariance) carried through this formula to first
 order (the filters are separate, so taken as independent). The usable swing is narrower than
@@ -1203,14 +1205,26 @@ class SocEstimate:
         return pl.DataFrame({"pack": list(self.pack_ids), **data})
 
 
-def _held_room(soc_min_cell: F64, soc_max_cell: F64, rate_min: F64, rate_max: F64) -> tuple[F64, F64]:
-    """The weakest cell's charge and the strongest cell's room, in units of the mean cell's capacity.
+def _held_room(soc_min_cell: F64, soc_max_cell: F64, rate_min: F64, rate_max: F64) -> tuple[F64, F64, B, B]:
+    """The string's charge and room, in units of the mean cell's capacity, and which cell sets each.
 
     Each extreme cell's capacity is the mean's over ``1 + its rate``; SoCs are clipped to [0, 1].
+    The string is empty when the first of its cells is and full when the first is: ``held`` is
+    the lesser of the two tracked cells' charges, ``room`` the lesser of their rooms. At the top
+    of a charge the weakest cell, nearly level with the others by then but smaller, is full
+    first: its room, not the fullest cell's, is the string's (the emulated second-life NMC packs
+    read 1.1-1.4 % of usable SoC low at rest at 90 % with the fullest cell's room alone).
+
+    Returns:
+        held, room, whether the strongest cell sets ``held`` and whether the weakest sets ``room``.
     """
-    held = np.clip(soc_min_cell, 0.0, 1.0) / (1.0 + rate_min)
-    room = (1.0 - np.clip(soc_max_cell, 0.0, 1.0)) / (1.0 + rate_max)
-    return held, room
+    s_min, s_max = np.clip(soc_min_cell, 0.0, 1.0), np.clip(soc_max_cell, 0.0, 1.0)
+    k_min, k_max = 1.0 / (1.0 + rate_min), 1.0 / (1.0 + rate_max)
+    held_min, held_max = s_min * k_min, s_max * k_max
+    room_min, room_max = (1.0 - s_min) * k_min, (1.0 - s_max) * k_max
+    held_by_max: B = held_max < held_min
+    room_by_min: B = room_min < room_max
+    return np.minimum(held_min, held_max), np.minimum(room_min, room_max), held_by_max, room_by_min
 
 
 def _extreme_rates(rate: F64) -> tuple[F64, F64, B]:
@@ -1264,27 +1278,37 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     settled = state.cell_cov[:, :, _CR, _CR] < _SETTLED_RATE_STD**2
     rate_min = np.where(settled[:, 0], sided_min, raw[:, 0])
     rate_max = np.where(settled[:, 1], sided_max, raw[:, 1])
-    held, room = _held_room(
+    held, room, held_by_max, room_by_min = _held_room(
         np.where(np.isnan(s_min), soc, s_min), np.where(np.isnan(s_max), soc, s_max), rate_min, rate_max
     )
     denom = held + room
     ok = denom > 0.0
     d = np.where(ok, denom, 1.0)
     usable = np.where(ok, held / d, soc)
-    # u = H / (H + R), H = s_min / (1 + rate_min), R = (1 - s_max) / (1 + rate_max), s_min and
-    # s_max = soc + their offsets: the gradient times the (independent) variances. Each extreme
-    # cell moves u through its offset (du/ds_min = du_min, du/ds_max = du_max) and through its
-    # rate (du/drate_min = -H du_min, du/drate_max = R du_max): a cell whose capacity is not yet
-    # known (a pack at rest since the start) leaves the usable SoC open by that much (cold_lfp's
-    # NMC packs, six hours at rest: 1.2 % off with a stated 0.18 % before the rates counted).
-    du_min = room / (1.0 + rate_min) / (d * d)
-    du_max = held / (1.0 + rate_max) / (d * d)
+    # u = H / (H + R), H = s_a / (1 + rate_a) for the cell a that sets the charge, R = (1 - s_b)
+    # / (1 + rate_b) for the cell b that sets the room (s_min and s_max = soc + their offsets):
+    # the gradient times the (independent) variances. A cell moves u through its offset,
+    # du/ds_c = ([c = a] R + [c = b] H) / (1 + rate_c) / d², and through its rate, du/drate_c =
+    # ([c = b] - [c = a]) H R / (1 + rate_c) / d² (nothing when it sets both: u is then its own
+    # SoC). A cell whose capacity is not yet known (a pack at rest since the start) leaves the
+    # usable SoC open by that much (cold_lfp's NMC packs, six hours at rest: 1.2 % off with a
+    # stated 0.18 % before the rates counted).
+    a_min, b_max = ~held_by_max, ~room_by_min
+    k_min, k_max = 1.0 / (1.0 + rate_min) / (d * d), 1.0 / (1.0 + rate_max) / (d * d)
+    du_min = (np.where(a_min, room, 0.0) + np.where(room_by_min, held, 0.0)) * k_min
+    du_max = (np.where(held_by_max, room, 0.0) + np.where(b_max, held, 0.0)) * k_max
+    dr_min = (room_by_min.astype(np.float64) - a_min) * held * room * k_min
+    dr_max = (b_max.astype(np.float64) - held_by_max) * held * room * k_max
     cc = state.cell_cov
-    var_min = cc[:, 0, _CD, _CD] - 2.0 * held * cc[:, 0, _CD, _CR] + held * held * cc[:, 0, _CR, _CR]
-    var_max = cc[:, 1, _CD, _CD] + 2.0 * room * cc[:, 1, _CD, _CR] + room * room * cc[:, 1, _CR, _CR]
+    var_min = (
+        du_min**2 * cc[:, 0, _CD, _CD] + 2.0 * du_min * dr_min * cc[:, 0, _CD, _CR] + dr_min**2 * cc[:, 0, _CR, _CR]
+    )
+    var_max = (
+        du_max**2 * cc[:, 1, _CD, _CD] + 2.0 * du_max * dr_max * cc[:, 1, _CD, _CR] + dr_max**2 * cc[:, 1, _CR, _CR]
+    )
     var_min = np.where(has_cells[:, 0], np.maximum(var_min, 0.0), 0.0)
     var_max = np.where(has_cells[:, 1], np.maximum(var_max, 0.0), 0.0)
-    var_usable = (du_min + du_max) ** 2 * np.maximum(var, 0.0) + du_min**2 * var_min + du_max**2 * var_max
+    var_usable = (du_min + du_max) ** 2 * np.maximum(var, 0.0) + var_min + var_max
     usable_std = np.where(ok, np.sqrt(np.maximum(var_usable, 0.0)), soc_std)
     shared_std = np.where(ok, (du_min + du_max) * soc_std, soc_std)
     rows, frac = _lookup(params.table, params.row, soc_raw)
