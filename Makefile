@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SYSTEM_PACKAGES := mosquitto mosquitto-clients influxdb
 
-.PHONY: help test demo check bench accuracy-30d accuracy-ocv system-deps install clean
+.PHONY: help test demo check bench accuracy-30d accuracy-ocv accuracy-bands system-deps install clean
 
 help:
 	@echo "make test    install what is missing (apt-get, pip) and run the whole test suite"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench   run every benchmark and print one table"
 	@echo "make accuracy-30d  emulate 30 days of 60 nevada packs, replay, score (about 35 min)"
 	@echo "make accuracy-ocv  score 4 h of 60 nevada packs with cells 0-3 mV off the twin's OCV tables (about 5 min)"
+	@echo "make accuracy-bands  pool the P5-P95 bands over 24 draws of 4 h of 60 nevada packs, tables drawn 3 mV off (about 6 min)"
 
 # Mosquitto and InfluxDB 1.x are real dependencies of the integration tests.
 system-deps:
@@ -73,6 +74,11 @@ accuracy-ocv: $(STAMP)
 	  $(BIN)/mgtwin replay runs/n60_ocv$$mv || exit 1; \
 	done
 	$(BIN)/mgtwin compare runs/n60_ocv0 runs/n60_ocv1 runs/n60_ocv2 runs/n60_ocv3
+
+# Are the P5-P95 bands calibrated? 24 draws of 4 hours of 60 nevada packs, each with its own
+# seed, start hour and error of the OCV tables (3 mV RMS, the twin's own budget), pooled.
+accuracy-bands: $(STAMP)
+	$(BIN)/mgtwin bands --draws 24 --out runs/bands
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from emulators.publisher import encode_rows
 from twin import contract as c
 from twin.cli import app
-from twin.evaluate import KEYS
+from twin.evaluate import KEYS, pool_scores
 from twin.pipeline import decode_batch
 from twin.replay import ReplayOptions, RunFolder, replay_run
 from twin.state import CoreOptions, TwinCore
@@ -214,18 +214,46 @@ def test_band_verdict_says_why_a_band_is_too_wide_or_too_narrow() -> None:
     assert band_verdict({"energy_band_coverage": None}, 0.0) is None
 
 
+def test_pooled_scores_weigh_each_run_by_what_it_scored() -> None:
+    """Coverage and MAPE by points, SoC RMSE by pack rows (root of the mean square), widths as medians."""
+    runs = [
+        {"soc_rmse": 0.01, "pack_rows_scored": 100, "energy_band_coverage": 1.0, "energy_points": 10,
+         "energy_mape": 0.01, "energy_band_halfwidth": 0.03},
+        {"soc_rmse": 0.03, "pack_rows_scored": 300, "energy_band_coverage": 0.5, "energy_points": 30,
+         "energy_mape": 0.05, "energy_band_halfwidth": 0.01},
+        {"soc_rmse": None, "pack_rows_scored": 0, "energy_band_coverage": None, "energy_points": 0,
+         "energy_mape": None, "energy_band_halfwidth": 0.02},
+    ]  # fmt: skip
+    pooled = pool_scores(runs)
+    assert pooled["runs"] == 3
+    assert pooled["soc_rmse"] == pytest.approx(np.sqrt((100 * 0.01**2 + 300 * 0.03**2) / 400), rel=1e-12)
+    assert pooled["energy_band_coverage"] == pytest.approx((10 * 1.0 + 30 * 0.5) / 40, rel=1e-12)
+    assert pooled["energy_mape"] == pytest.approx((10 * 0.01 + 30 * 0.05) / 40, rel=1e-12)
+    assert pooled["energy_band_halfwidth"] == pytest.approx(0.02, rel=1e-12)
+    assert pooled["energy_points"] == 40
+    assert pooled["energy_runs_covering_all"] == 1
+    assert pooled["runtime_band_coverage"] is None  # nothing scored
+    assert pooled["soc_rmse_bms"] is None
+
+
 def test_compare_scores_runs_side_by_side(replayed: Path) -> None:
     result = runner.invoke(app, ["compare", str(replayed), str(replayed), "--json", "--skip", "30m"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    both = json.loads(result.stdout)
+    rows, pooled = both["runs"], both["pooled"]
     assert [r["run"] for r in rows] == [str(replayed)] * 2
     assert rows[0]["ocv_error_mv"] == 0.0  # the packaged scenario's cells have the tables' OCV
     single = json.loads(runner.invoke(app, ["evaluate", str(replayed), "--json", "--no-plots", "--skip", "30m"]).stdout)
     for key in ("soc_rmse", "energy_mape", "energy_band_coverage"):
         assert rows[0][key] == single[key], key
-    table = runner.invoke(app, ["compare", str(replayed), "--skip", "30m"])
+        # a run pooled with itself is that run
+        assert pooled[key] == pytest.approx(single[key], rel=1e-12), key
+    assert pooled["runs"] == 2
+    assert pooled["energy_points"] == 2 * single["energy_points"]
+    table = runner.invoke(app, ["compare", str(replayed), str(replayed), "--skip", "30m"])
     assert table.exit_code == 0, table.output
     assert "side by side" in table.output
+    assert "pooled over 2 runs: P5-P95 holds the truth" in " ".join(table.output.split())
     missing = runner.invoke(app, ["compare", str(replayed / "nope")])
     assert missing.exit_code != 0
 

@@ -24,7 +24,7 @@ All errors are fractions (0.012 is 1.2 %).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +34,15 @@ import polars as pl
 from twin.errors import TwinError
 from twin.replay import ESTIMATES_FILE, SITE_ESTIMATES_FILE
 
-__all__ = ["EvaluateError", "EvaluateOptions", "alert_scores", "band_verdict", "evaluate_run", "plot_run"]
+__all__ = [
+    "EvaluateError",
+    "EvaluateOptions",
+    "alert_scores",
+    "band_verdict",
+    "evaluate_run",
+    "plot_run",
+    "pool_scores",
+]
 
 #: Keys of the JSON summary this module always fills (null when there is nothing to score).
 KEYS: Final = (
@@ -266,6 +274,65 @@ def evaluate_run(
     out["site_rows_scored"] = site.height
     out["skip_s"] = options.skip_s
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def pool_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pool several runs' scores as if their points were one run's: what a band's coverage means.
+
+    A band's coverage on one run is nearly one draw: an error common to a chemistry's packs
+    (its OCV table's) lasts the whole run, so a run's band holds the truth nearly always or
+    nearly never. Whether P5-P95 holds the truth 90 % of the time is a question about many
+    runs, each with its own draw of those errors.
+
+    SoC RMSE (the twin's and the BMS's) and the error over its std are pooled over the runs'
+    scored pack rows (the root of the row-weighted mean of squares); site MAPE and band
+    coverage are weighted by each run's scored points; a band's half-width and error are the
+    median of the runs' medians. Runs with nothing to score for a figure are left out of it.
+
+    Args:
+        runs: :func:`evaluate_run` results.
+
+    Returns:
+        ``runs`` (the count), ``soc_rmse``, ``soc_rmse_bms``, ``soc_z_rms`` and, for
+        ``energy``, ``runtime`` and ``ridethrough``: ``_mape``, ``_band_coverage``,
+        ``_band_halfwidth``, ``_error_median``, ``_points`` and ``_runs_covering_all``
+        (how many runs' bands held the truth every time). None where nothing was scored.
+    """
+
+    def weighted(key: str, weight: str, *, squared: bool = False) -> float | None:
+        pairs = [
+            (float(r[key]), float(r.get(weight) or 0))
+            for r in runs
+            if r.get(key) is not None and (r.get(weight) or 0) > 0
+        ]
+        total = sum(w for _, w in pairs)
+        if not total:
+            return None
+        if squared:
+            return math.sqrt(sum(w * v * v for v, w in pairs) / total)
+        return sum(w * v for v, w in pairs) / total
+
+    def median(key: str) -> float | None:
+        values = sorted(float(r[key]) for r in runs if r.get(key) is not None)
+        if not values:
+            return None
+        mid = len(values) // 2
+        return float(values[mid]) if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+    out: dict[str, Any] = {"runs": len(runs)}
+    for key in ("soc_rmse", "soc_rmse_bms", "soc_z_rms"):
+        out[key] = weighted(key, "pack_rows_scored", squared=True)
+    for name in ("energy", "runtime", "ridethrough"):
+        points = f"{name}_points"
+        out[f"{name}_mape"] = weighted(f"{name}_mape", points)
+        out[f"{name}_band_coverage"] = weighted(f"{name}_band_coverage", points)
+        out[f"{name}_band_halfwidth"] = median(f"{name}_band_halfwidth")
+        out[f"{name}_error_median"] = median(f"{name}_error_median")
+        out[points] = sum(r.get(points) or 0 for r in runs)
+        out[f"{name}_runs_covering_all"] = sum(
+            1 for r in runs if (r.get(points) or 0) > 0 and r.get(f"{name}_band_coverage") == 1.0
+        )
+    return out
 
 
 def band_verdict(scores: Mapping[str, Any], ocv_error_mv: float | None) -> str | None:
