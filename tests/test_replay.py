@@ -207,6 +207,7 @@ def test_band_verdict_says_why_a_band_is_too_wide_or_too_narrow() -> None:
 
     wide = {"energy_band_coverage": 1.0, "energy_band_halfwidth": 0.03, "energy_error_median": 0.002}
     assert "the cells' OCV is the twin's table" in (band_verdict(wide, 0.0) or "")
+    assert "mgtwin bands" in (band_verdict(wide, 0.0) or "")
     narrow = {"energy_band_coverage": 0.3, "energy_band_halfwidth": 0.024, "energy_error_median": 0.026}
     assert "3 mV off the tables" in (band_verdict(narrow, 3.0) or "")
     fitting = {"energy_band_coverage": 0.9, "energy_band_halfwidth": 0.02, "energy_error_median": 0.012}

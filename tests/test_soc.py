@@ -599,6 +599,26 @@ def test_at_the_top_the_weakest_cell_is_full_first_and_its_rate_no_longer_counts
     assert est.soc_usable_std[1] == pytest.approx(expected, rel=1e-12)
 
 
+def test_the_shared_std_is_what_the_chemistry_s_ocv_table_can_cause() -> None:
+    """At most ``ocv_error_v`` over the OCV slope: all of a narrow error, a sliver of a wide one on a steep curve.
+
+    An NMC811 pack with the mean's SoC known to 0.2 % shares all of it (3 mV over a slope of
+    about 0.6 V is 0.5 %); one still at a 5 % prior shares only the 3 mV's worth. Without
+    cell voltages the usable SoC is the mean's, so no usable-share factor enters.
+    """
+    params = _two_nmc811_packs(("narrow", "wide"), soc0=0.5)
+    state = initial_state(params)
+    cov = state.cov.copy()
+    cov[0, 0, 0] = 0.002**2
+    cov[1, 0, 0] = 0.05**2
+    est = estimate_from_state(dataclasses.replace(state, cov=cov), params)
+    slope = float(get_chemistry("nmc811").docv_dsoc(0.5))
+    assert 0.2 < slope < 2.0
+    assert est.soc_usable_std_shared[0] == pytest.approx(0.002, rel=1e-12)
+    assert est.soc_usable_std_shared[1] == pytest.approx(SocOptions().ocv_error_v / slope, rel=0.02)
+    assert est.soc_usable_std[1] == pytest.approx(0.05, rel=1e-12)
+
+
 def test_step_is_pure_and_a_gap_inflates_the_covariance() -> None:
     est = SocEstimator.from_meta(CONTRACT_META)
     params, state = est.params, est.snapshot()

@@ -338,18 +338,22 @@ def pool_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def band_verdict(scores: Mapping[str, Any], ocv_error_mv: float | None) -> str | None:
     """One sentence on the site energy band's calibration, for the table (None when there is nothing to say).
 
-    The twin's bands budget model errors (an OCV table a couple of mV off the cells, an aging
-    law's bias) besides the filters' own uncertainty. A run whose cells match the twin's
-    tables has no such error, so its bands hold the truth every time; one whose cells are
-    further off than the budget makes them too narrow.
+    The twin's bands budget model errors (an OCV table some mV off the cells, an aging law's
+    bias) besides the filters' own uncertainty. A run whose cells match the twin's tables has
+    no such error, so its bands hold the truth every time; on one whose tables are off, the
+    error lasts the whole run, so its bands hold the truth nearly always or nearly never.
+    Either way one run is one draw: ``mgtwin bands`` pools many.
 
     Args:
         scores: :func:`evaluate_run`'s result.
         ocv_error_mv: the run's ``cell_model.ocv_error_mv`` (None: not recorded).
     """
+    from twin.estimators.soc import SocOptions
+
     coverage, width, error = (scores.get(f"energy_{k}") for k in ("band_coverage", "band_halfwidth", "error_median"))
     if coverage is None or width is None or error is None:
         return None
+    budget = f"{1000.0 * SocOptions().ocv_error_v:g} mV"
     cells = (
         "the cells' OCV is the twin's table"
         if not ocv_error_mv
@@ -358,13 +362,14 @@ def band_verdict(scores: Mapping[str, Any], ocv_error_mv: float | None) -> str |
     if coverage > 0.98 and width > 3.0 * error:
         return (
             f"The energy band holds the truth {coverage:.0%} of the time, its half-width {width:.1%} against a median "
-            f"error of {error:.1%}: {cells}, and the band budgets for a table about 2 mV off the cells "
-            "(make accuracy-ocv: the runtime band holds the truth 89 % of the time at 2 mV)."
+            f"error of {error:.1%}: {cells}, and the band budgets for tables {budget} off the cells. One run is one "
+            "draw of that error: mgtwin bands pools many (24 draws of the nevada site: about 90 %)."
         )
     if coverage < 0.8:
         return (
-            f"The energy band holds the truth only {coverage:.0%} of the time: {cells}, more than the twin's model "
-            "budget (about 2 mV); on LFP's plateau 1 mV is about 1.5 % of SoC."
+            f"The energy band holds the truth only {coverage:.0%} of the time: {cells} (the band budgets for "
+            f"{budget}; on LFP's plateau 1 mV is about 1.5 % of SoC). One run is one draw of that error: "
+            "mgtwin bands pools many."
         )
     return None
 

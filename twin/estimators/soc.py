@@ -119,9 +119,11 @@ the mean cell's, so the mean's error counts for ``1 / (held + room)`` of itself;
 cell whose rate has not been seen (a pack at rest since the start) leaves several % open.
 On the emulated 4 h nevada site the error over this std is 0.25 (LMO 0.55; 1.55 over the
 mean's std alone): conservative, as the rates' prior (0.15) is wider than the emulated
-cells' spread. ``soc_usable_std_shared`` is the part the mean's error makes, the part an
-error common to a chemistry's packs (its OCV table) can cause; the extreme cells' offsets
-are read through the same table, so a table error reaches them too, which this ignores.
+cells' spread. ``soc_usable_std_shared`` is the part an error of the chemistry's OCV table,
+common to its packs, can cause: the mean's error up to ``ocv_error_v`` over the OCV slope at
+its SoC (all of it on LFP's plateau, a fraction on a steep curve whose prior is still wide);
+the extreme cells' offsets are read through the same table, so a table error reaches them
+too, which this ignores.
 
 Data handling in :meth:`SocEstimator.update` (per pack, in event time):
 
@@ -249,6 +251,8 @@ __all__ = [
 ]
 
 _S_PER_H: Final = 3600.0
+#: The least OCV slope (V per unit SoC) the table's share of the SoC error is read at.
+_MIN_SLOPE_V: Final = 1e-3
 #: The published usable SoC reads a rate on its side of zero once its standard deviation is below this.
 _SETTLED_RATE_STD: Final = 0.05
 _SPARSE_SLACK: Final = 4096  # grid cells a batch may waste before its packs are split by sample count
@@ -1160,9 +1164,10 @@ class SocEstimate:
         soc_usable_std: its standard deviation, fraction: the mean's and the extreme cells'
             offsets' and rates' carried through the usable SoC's formula to first order (the
             usable swing is narrower than the mean cell's, so the mean's error counts for more).
-        soc_usable_std_shared: the part of ``soc_usable_std`` the mean cell's SoC error makes,
-            fraction: the part an error of the chemistry's OCV table or model, common to its
-            packs, can cause (each pack's extreme cells are its own).
+        soc_usable_std_shared: the part of ``soc_usable_std`` an error of the chemistry's
+            OCV table, common to its packs, can cause, fraction: the mean cell's SoC error up
+            to ``ocv_error_v`` over the OCV slope at its SoC, through the usable SoC's formula
+            (each pack's extreme cells are its own).
         current_offset_a: estimated current-sensor offset (the sensor reads true + offset), A.
         flags: :class:`SocFlag` bitmask per pack.
     """
@@ -1310,9 +1315,13 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     var_max = np.where(has_cells[:, 1], np.maximum(var_max, 0.0), 0.0)
     var_usable = (du_min + du_max) ** 2 * np.maximum(var, 0.0) + var_min + var_max
     usable_std = np.where(ok, np.sqrt(np.maximum(var_usable, 0.0)), soc_std)
-    shared_std = np.where(ok, (du_min + du_max) * soc_std, soc_std)
     rows, frac = _lookup(params.table, params.row, soc_raw)
     slope = _col(rows, frac, _DOCV)
+    # The part of the mean's error an error of the chemistry's OCV table causes: all of it
+    # where the voltage set the SoC, at most the table's error over the OCV slope (LFP's
+    # plateau: all; a steep NMC curve: 3 mV is 0.4 % of SoC, however wide the prior still is).
+    from_table = np.minimum(soc_std, o.ocv_error_v / np.maximum(np.abs(slope), _MIN_SLOPE_V))
+    shared_std = np.where(ok, (du_min + du_max) * from_table, from_table)
     started = state.last_ts_ms != _NO_TS
     ref = state.watermark_ms if now_ms is None else now_ms
     c_rate = np.abs(state.last_current_a) / params.rated_group_ah
