@@ -902,7 +902,15 @@ def compare(
     if as_json:
         sys.stdout.write(json.dumps({"runs": rows, "pooled": pooled}, sort_keys=True) + "\n")
         return
-    _print_runs(rows, pooled, "runs side by side (errors: RMSE for SoC, MAPE for the site; bands: P5-P95)")
+    _print_runs(rows, pooled, "runs side by side")
+
+
+_SITE_FIGURES = ("energy", "runtime", "ridethrough")
+_RUNS_CAPTION = (
+    "in %: mV, the cells' OCV off the twin's tables; SoC and BMS, RMSE; E, R and RT, site energy, runtime and "
+    "ride-through MAPE; held, how often their P5-P95 held the truth; band±, the energy band's median half-width; "
+    "z, SoC error over its std (RMS)"
+)
 
 
 def _print_runs(rows: list[dict[str, Any]], pooled: dict[str, Any], title: str) -> None:
@@ -912,23 +920,17 @@ def _print_runs(rows: list[dict[str, Any]], pooled: dict[str, Any], title: str) 
         return "-" if value is None else f"{100.0 * float(value):.1f}"  # type: ignore[arg-type]
 
     def cover(r: dict[str, Any]) -> str:
-        return "/".join(pct(r[f"{k}_band_coverage"]).removesuffix(".0") for k in ("energy", "runtime", "ridethrough"))
+        return "/".join(
+            f"{100.0 * v:.0f}" if (v := r[f"{k}_band_coverage"]) is not None else "-" for k in _SITE_FIGURES
+        )
 
-    chems = sorted({c for r in rows for c in (r["soc_rmse_by_chemistry"] or {})})
-    headers = (
-        "run",
-        "OCV off mV",
-        "SoC %",
-        "BMS %",
-        *chems,
-        "energy %",
-        "runtime %",
-        "ride %",
-        "cover % E/R/RT",
-        "band ±%",
-        "err/std",
-    )
-    table = Table(*headers, title=title)
+    # By chemistry only where there is room for it (a terminal of 80 columns squeezes the rest to "…").
+    chems = sorted({c for r in rows for c in (r["soc_rmse_by_chemistry"] or {})}) if console.width >= 120 else []
+    headers = ("run", "mV", "SoC", "BMS", *chems, "E", "R", "RT", "held E/R/RT", "band±", "z")
+    table = Table(*headers, title=title, caption=_RUNS_CAPTION, padding=(0, 1))
+    for column in table.columns[1:]:
+        column.no_wrap = True  # figures whole; the run's name is what shrinks
+    table.columns[0].min_width = 8
     for r in rows:
         by = r["soc_rmse_by_chemistry"] or {}
         table.add_row(
@@ -1108,7 +1110,7 @@ def bands(
     if as_json:
         sys.stdout.write(json.dumps({"runs": rows, "pooled": pooled}, sort_keys=True) + "\n")
         return
-    _print_runs(rows, pooled, f"{draws} draws of {sc.site}, OCV tables {mv:g} mV off (bands: P5-P95)")
+    _print_runs(rows, pooled, f"{draws} draws of {sc.site}, OCV tables {mv:g} mV off")
 
 
 @app.command()
