@@ -117,9 +117,10 @@ cell's (its offset's, its rate's and their covariance) carried through this form
 order (the filters are separate, so taken as independent). The usable swing is narrower than
 the mean cell's, so the mean's error counts for ``1 / (held + room)`` of itself; an extreme
 cell whose rate has not been seen (a pack at rest since the start) leaves several % open.
-On the emulated 4 h nevada site the error over this std is 0.25 (LMO 0.55; 1.55 over the
-mean's std alone): conservative, as the rates' prior (0.15) is wider than the emulated
-cells' spread. ``soc_usable_std_shared`` is the part an error of the chemistry's OCV table,
+On the emulated 4 h nevada site, whose cells are the twin's OCV tables, the error over this
+std is 0.18 (LMO 0.41): conservative, as the std budgets for a table 3 mV off and the rates'
+prior (0.15) is wider than the emulated cells' spread; over 24 draws of it with the tables
+3 mV off (``mgtwin bands``) it is 1.0. ``soc_usable_std_shared`` is the part an error of the chemistry's OCV table,
 common to its packs, can cause: the mean's error up to ``ocv_error_v`` over the OCV slope at
 its SoC (all of it on LFP's plateau, a fraction on a steep curve whose prior is still wide);
 the extreme cells' offsets are read through the same table, so a table error reaches them
