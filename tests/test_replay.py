@@ -237,6 +237,22 @@ def test_pooled_scores_weigh_each_run_by_what_it_scored() -> None:
     assert pooled["soc_rmse_bms"] is None
 
 
+def test_band_places_say_where_the_truth_fell_and_plot(replayed: Path, tmp_path: Path) -> None:
+    """-1 at P5, +1 at P95: the share within [-1, 1] is the band's coverage; the plot is written."""
+    from twin.evaluate import EvaluateOptions, band_places, evaluate_run, plot_bands
+
+    options = EvaluateOptions(skip_s=1800.0)
+    scores = evaluate_run(replayed, options=options)
+    places = band_places(replayed, options=options)
+    for key in ("energy", "ridethrough"):
+        mine = places.filter(pl.col("figure") == key)["place"]
+        assert mine.len() == scores[f"{key}_points"]
+        assert float((mine.abs() <= 1.0).mean()) == pytest.approx(scores[f"{key}_band_coverage"], abs=1e-12)
+        assert 0.0 <= scores[f"{key}_band50_coverage"] <= scores[f"{key}_band_coverage"]
+    png = plot_bands([{"run": str(replayed), **scores}] * 2, pl.concat([places, places]), tmp_path / "b.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_compare_scores_runs_side_by_side(replayed: Path) -> None:
     result = runner.invoke(app, ["compare", str(replayed), str(replayed), "--json", "--skip", "30m"])
     assert result.exit_code == 0, result.output

@@ -959,11 +959,13 @@ def _print_runs(rows: list[dict[str, Any]], pooled: dict[str, Any], title: str) 
         )
     console.print(table)
     if len(rows) > 1:
-        cov = " / ".join(pct(pooled[f"{k}_band_coverage"]) for k in ("energy", "runtime", "ridethrough"))
-        held = " / ".join(str(pooled[f"{k}_runs_covering_all"]) for k in ("energy", "runtime", "ridethrough"))
+        cov = " / ".join(pct(pooled[f"{k}_band_coverage"]) for k in _SITE_FIGURES)
+        cov50 = " / ".join(pct(pooled[f"{k}_band50_coverage"]) for k in _SITE_FIGURES)
+        held = " / ".join(str(pooled[f"{k}_runs_covering_all"]) for k in _SITE_FIGURES)
         console.print(
             f"pooled over {len(rows)} runs: P5-P95 holds the truth {cov} % of the time (energy / runtime / "
-            f"ride-through; about 90 % when calibrated); runs whose band held it every time: {held}",
+            f"ride-through; about 90 % when calibrated), the P25-P75 it implies {cov50} % (about 50 %); "
+            f"runs whose band held it every time: {held}",
             highlight=False,
         )
 
@@ -1036,6 +1038,9 @@ def bands(
     as_json: Annotated[
         bool, typer.Option("--json", help='Print one JSON object, {"runs": [...], "pooled": {...}}, instead.')
     ] = False,
+    plots: Annotated[
+        bool, typer.Option("--plots/--no-plots", help="Write OUT/bands.png: where the truth fell in the bands.")
+    ] = True,
 ) -> None:
     """Score the twin's P5-P95 bands over many draws of a site: does P5-P95 hold the truth 90 % of the time?
 
@@ -1048,16 +1053,19 @@ def bands(
     twin's own budget, so the truth is drawn as the twin assumes). Each is emulated and
     replayed with `mgtwin emulate` and `mgtwin replay` into OUT/draw-NN, scored after --skip,
     and the table pools them (`mgtwin compare`'s rows). A calibrated band holds the truth
-    about 90 % of the pooled time; the issue's harness asks for 80-98 %.
+    about 90 % of the pooled time (the issue's harness asks for 80-98 %), and the P25-P75 it
+    implies for a normal error about 50 %. OUT/bands.png shows where the truth fell in the
+    bands, pooled, against a calibrated band's curve, and each draw's coverage.
     """
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
+    import polars as pl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from emulators.scenario import load_scenario
     from twin.estimators.soc import SocOptions
-    from twin.evaluate import evaluate_run, pool_scores
+    from twin.evaluate import band_places, evaluate_run, plot_bands, pool_scores
 
     try:
         sc = load_scenario(scenario)
@@ -1107,6 +1115,9 @@ def bands(
     options = _evaluate_options(skip)
     rows = [{"run": str(f), "ocv_error_mv": _ocv_error_mv(f), **evaluate_run(f, options=options)} for f in folders]
     pooled = pool_scores(rows)
+    if plots:
+        places = pl.concat([band_places(f, options=options) for f in folders])
+        err_console.print(f"plot: {plot_bands(rows, places, out / 'bands.png')}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps({"runs": rows, "pooled": pooled}, sort_keys=True) + "\n")
         return

@@ -56,14 +56,17 @@ KEYS: Final = (
     "pack_energy_mape",
     "energy_mape",
     "energy_band_coverage",
+    "energy_band50_coverage",
     "energy_band_halfwidth",
     "energy_error_median",
     "runtime_mape",
     "runtime_band_coverage",
+    "runtime_band50_coverage",
     "runtime_band_halfwidth",
     "runtime_error_median",
     "ridethrough_mape",
     "ridethrough_band_coverage",
+    "ridethrough_band50_coverage",
     "ridethrough_band_halfwidth",
     "ridethrough_error_median",
     "soh_mae",
@@ -155,6 +158,7 @@ def load_pairs(
             by="pack",
             strategy="nearest",
             tolerance=tol,
+            check_sortedness=False,  # both sorted by time just above (polars cannot check it by group)
         )
         .join(bms, on=["ts_ms", "pack"], how="left")
         .filter(pl.col("soc_true").is_not_null() & pl.col("available_true") & pl.col("soc").is_not_null())
@@ -175,20 +179,65 @@ def _ape(est: str, true: str) -> pl.Expr:
     return (pl.col(est) - pl.col(true)).abs() / pl.col(true)
 
 
-def _site_scores(site: pl.DataFrame, est: str, true: str, p5: str, p95: str) -> dict[str, Any]:
-    """MAPE, P5-P95 coverage, the band's median half-width and the median error (both relative to the truth)."""
-    valid = site.filter(
+#: Where P25 and P75 lie in a P5-P95 band of a normal error, in units of its half-width (0.674 / 1.645).
+P25_IN_BAND: Final = 0.6744897501960817 / 1.6448536269514722
+
+#: The site figures scored, with their estimate, band and truth columns.
+SITE_FIGURES: Final = (
+    ("energy", "energy_to_floor_kwh_est", "energy_to_floor_kwh", "energy_to_floor_kwh_p5", "energy_to_floor_kwh_p95"),
+    ("runtime", "runtime_s_p50", "runtime_s", "runtime_s_p5", "runtime_s_p95"),
+    ("ridethrough", "ridethrough_s_p50", "ridethrough_s", "ridethrough_s_p5", "ridethrough_s_p95"),
+)
+
+
+def _valid_site(site: pl.DataFrame, est: str, true: str) -> pl.DataFrame:
+    return site.filter(
         pl.col(true).is_finite() & (pl.col(true) > 0) & pl.col(est).is_not_null() & pl.col(est).is_finite()
     )
+
+
+def _place(est: str, true: str, p5: str, p95: str) -> pl.Expr:
+    """The truth's place in the band: -1 at P5, 0 at the estimate, +1 at P95 (each side scaled on its own)."""
+    above = (pl.col(true) - pl.col(est)) / (pl.col(p95) - pl.col(est))
+    below = (pl.col(true) - pl.col(est)) / (pl.col(est) - pl.col(p5))
+    return pl.when(pl.col(true) == pl.col(est)).then(0.0).when(pl.col(true) > pl.col(est)).then(above).otherwise(below)
+
+
+def _site_scores(site: pl.DataFrame, est: str, true: str, p5: str, p95: str) -> dict[str, Any]:
+    """MAPE, P5-P95 coverage, the band's median half-width and the median error (both relative to the truth).
+
+    ``coverage50`` is the share of times the truth lies within the P25-P75 that the band
+    implies for a normal error (the central 41 % of each side): about 50 % when the band's
+    shape is right, not only its P5-P95 width.
+    """
+    valid = _valid_site(site, est, true)
     if valid.height == 0:
-        return {"mape": None, "coverage": None, "halfwidth": None, "error": None, "n": 0}
+        return {"mape": None, "coverage": None, "coverage50": None, "halfwidth": None, "error": None, "n": 0}
     row = valid.select(
         mape=_ape(est, true).mean(),
         coverage=((pl.col(true) >= pl.col(p5)) & (pl.col(true) <= pl.col(p95))).mean(),
+        coverage50=(_place(est, true, p5, p95).abs() <= P25_IN_BAND).mean(),
         halfwidth=((pl.col(p95) - pl.col(p5)) / (2.0 * pl.col(true))).filter(pl.col(p95).is_finite()).median(),
         error=_ape(est, true).median(),
     ).row(0, named=True)
     return {**{k: None if v is None else float(v) for k, v in row.items()}, "n": valid.height}
+
+
+def band_places(
+    run: Path, *, estimates_dir: Path | None = None, options: EvaluateOptions = EvaluateOptions()
+) -> pl.DataFrame:
+    """The truth's place in each site band at each scored time: ``figure`` and ``place`` (-1 at P5, +1 at P95).
+
+    The same times :func:`evaluate_run` scores; for a histogram of many runs (``mgtwin bands``).
+    """
+    site = load_pairs(run, estimates_dir, options)["site"]
+    parts = [
+        _valid_site(site, est, true).select(
+            pl.lit(name).alias("figure"), _place(est, true, p5, p95).cast(pl.Float64).alias("place")
+        )
+        for name, est, true, p5, p95 in SITE_FIGURES
+    ]
+    return pl.concat(parts).filter(pl.col("place").is_not_null())
 
 
 def evaluate_run(
@@ -252,20 +301,11 @@ def evaluate_run(
             out["resistance_mape"] = packs.select(_ape("resistance_ohm", "resistance_true").mean()).item()
     rul = _rul_scores(run, estimates_dir or run)
     out.update(rul)
-    for name, est, true, p5, p95 in (
-        (
-            "energy",
-            "energy_to_floor_kwh_est",
-            "energy_to_floor_kwh",
-            "energy_to_floor_kwh_p5",
-            "energy_to_floor_kwh_p95",
-        ),
-        ("runtime", "runtime_s_p50", "runtime_s", "runtime_s_p5", "runtime_s_p95"),
-        ("ridethrough", "ridethrough_s_p50", "ridethrough_s", "ridethrough_s_p5", "ridethrough_s_p95"),
-    ):
+    for name, est, true, p5, p95 in SITE_FIGURES:
         scores = _site_scores(site, est, true, p5, p95)
         out[f"{name}_mape"] = scores["mape"]
         out[f"{name}_band_coverage"] = scores["coverage"]
+        out[f"{name}_band50_coverage"] = scores["coverage50"]
         out[f"{name}_band_halfwidth"] = scores["halfwidth"]
         out[f"{name}_error_median"] = scores["error"]
         out[f"{name}_points"] = scores["n"]
@@ -295,8 +335,9 @@ def pool_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Returns:
         ``runs`` (the count), ``soc_rmse``, ``soc_rmse_bms``, ``soc_z_rms`` and, for
         ``energy``, ``runtime`` and ``ridethrough``: ``_mape``, ``_band_coverage``,
-        ``_band_halfwidth``, ``_error_median``, ``_points`` and ``_runs_covering_all``
-        (how many runs' bands held the truth every time). None where nothing was scored.
+        ``_band50_coverage`` (the implied P25-P75's), ``_band_halfwidth``, ``_error_median``,
+        ``_points`` and ``_runs_covering_all`` (how many runs' bands held the truth every
+        time). None where nothing was scored.
     """
 
     def weighted(key: str, weight: str, *, squared: bool = False) -> float | None:
@@ -326,6 +367,7 @@ def pool_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         points = f"{name}_points"
         out[f"{name}_mape"] = weighted(f"{name}_mape", points)
         out[f"{name}_band_coverage"] = weighted(f"{name}_band_coverage", points)
+        out[f"{name}_band50_coverage"] = weighted(f"{name}_band50_coverage", points)
         out[f"{name}_band_halfwidth"] = median(f"{name}_band_halfwidth")
         out[f"{name}_error_median"] = median(f"{name}_error_median")
         out[points] = sum(r.get(points) or 0 for r in runs)
@@ -513,6 +555,79 @@ def plot_run(
     fig.savefig(files[-1], dpi=90)
     plt.close(fig)
     return files
+
+
+def plot_bands(rows: Sequence[Mapping[str, Any]], places: pl.DataFrame, path: Path) -> Path:
+    """Draw how well many runs' bands held the truth (``mgtwin bands``): where it fell, and per run.
+
+    Top: for energy, runtime and ride-through, the histogram of the truth's place in the band
+    (-1 at P5, +1 at P95, pooled over the runs) against the normal error the band stands for;
+    a calibrated band's histogram follows the curve. Bottom: each run's P5-P95 coverage.
+
+    Args:
+        rows: the runs' :func:`evaluate_run` results, in order.
+        places: :func:`band_places` of those runs, concatenated.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = {"energy": "energy to the floor", "runtime": "runtime", "ridethrough": "ride-through"}
+    pooled = pool_scores(rows)
+    fig = plt.figure(figsize=(12, 7.5))
+    grid = fig.add_gridspec(2, 3, height_ratios=(1.2, 1.0))
+    x = np.linspace(-3.0, 3.0, 241)
+    sd = 1.0 / 1.6448536269514722  # P5 and P95 at -1 and +1
+    density = np.exp(-0.5 * (x / sd) ** 2) / (sd * np.sqrt(2.0 * np.pi))
+    for col, key in enumerate(names):
+        ax = fig.add_subplot(grid[0, col])
+        values = places.filter(pl.col("figure") == key)["place"].to_numpy()
+        if values.size:
+            ax.hist(
+                np.clip(values, -3.0, 3.0),
+                bins=list(np.linspace(-3.0, 3.0, 31)),
+                density=True,
+                color="tab:blue",
+                alpha=0.6,
+            )
+        ax.plot(x, density, color="black", lw=1.2, label="calibrated")
+        for edge in (-1.0, 1.0):
+            ax.axvline(edge, color="tab:red", ls="--", lw=0.8)
+        for edge in (-P25_IN_BAND, P25_IN_BAND):
+            ax.axvline(edge, color="tab:gray", ls=":", lw=0.8)
+        held, held50 = pooled[f"{key}_band_coverage"], pooled[f"{key}_band50_coverage"]
+        text = "nothing scored" if held is None else f"P5-P95 held {held:.0%}, P25-P75 {held50:.0%}"
+        ax.set_title(f"{names[key]}: {text}", fontsize=9)
+        ax.set_xlabel("truth's place in the band (-1: P5, +1: P95; clipped at 3)", fontsize=8)
+        ax.set_xlim(-3.0, 3.0)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(loc="upper left", fontsize=8)
+    ax = fig.add_subplot(grid[1, :])
+    runs = np.arange(len(rows))
+    for offset, (key, marker) in zip(
+        (-0.2, 0.0, 0.2), (("energy", "o"), ("runtime", "s"), ("ridethrough", "^")), strict=True
+    ):
+        cover = np.array([np.nan if r.get(f"{key}_band_coverage") is None else r[f"{key}_band_coverage"] for r in rows])
+        ax.plot(runs + offset, 100.0 * cover, marker, ms=5, label=names[key], alpha=0.8)
+    ax.axhspan(80.0, 98.0, color="tab:green", alpha=0.1, label="80-98 % (pooled target)")
+    labels = [Path(str(r.get("run", i))).name for i, r in enumerate(rows)]
+    ax.set_xticks(runs, labels, rotation=60, fontsize=7, ha="right", rotation_mode="anchor")
+    ax.set_ylabel("P5-P95 held the truth, % of the run")
+    ax.set_ylim(-5.0, 105.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8, ncols=4)
+    fig.suptitle(f"{len(rows)} runs: where the truth fell in the twin's site bands")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------- alerts (issue 6)
