@@ -12,7 +12,7 @@ help:
 	@echo "make demo    install and run the demo (emulated Nevada site)"
 	@echo "make check   ruff and mypy"
 	@echo "make bench   run every benchmark and print one table"
-	@echo "make accuracy-30d  emulate 30 days of 60 nevada packs, replay, score (about 35 min)"
+	@echo "make accuracy-30d  emulate 30 days of 60 nevada packs, replay, score (about 13 min)"
 	@echo "make accuracy-ocv  score 4 h of 60 nevada packs with cells 0-3 mV off the twin's OCV tables (about 5 min)"
 	@echo "make accuracy-bands  pool the P5-P95 bands over 24 draws of 4 h of 60 nevada packs, tables drawn 3 mV off (about 6 min)"
 
@@ -58,7 +58,7 @@ bench: system-deps $(STAMP)
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 # Issue 6's month: 60 packs of every nevada kind with the scenario's faults, 30 days at real
-# aging (emulation about 22 min, replay about 10 min, 3 GB in runs/n60_30d), then the table.
+# aging (emulation about 4 min, replay about 8 min, 1.5 GB in runs/n60_30d), then the table.
 accuracy-30d: $(STAMP)
 	$(BIN)/mgtwin emulate --scenario nevada --packs 60 --duration 30d --dt 10 --pack-level \
 	  --truth --truth-every 1m --site-truth-every 1h --out runs/n60_30d
