@@ -219,9 +219,9 @@ def test_pooled_scores_weigh_each_run_by_what_it_scored() -> None:
     """Coverage and MAPE by points, SoC RMSE by pack rows (root of the mean square), widths as medians."""
     runs = [
         {"soc_rmse": 0.01, "pack_rows_scored": 100, "energy_band_coverage": 1.0, "energy_points": 10,
-         "energy_mape": 0.01, "energy_band_halfwidth": 0.03},
+         "energy_mape": 0.01, "energy_band_halfwidth": 0.03, "soc_rmse_bms": 0.02, "soc_bms_rows": 100},
         {"soc_rmse": 0.03, "pack_rows_scored": 300, "energy_band_coverage": 0.5, "energy_points": 30,
-         "energy_mape": 0.05, "energy_band_halfwidth": 0.01},
+         "energy_mape": 0.05, "energy_band_halfwidth": 0.01, "soc_rmse_bms": 0.04, "soc_bms_rows": 100},
         {"soc_rmse": None, "pack_rows_scored": 0, "energy_band_coverage": None, "energy_points": 0,
          "energy_mape": None, "energy_band_halfwidth": 0.02},
     ]  # fmt: skip
@@ -234,7 +234,9 @@ def test_pooled_scores_weigh_each_run_by_what_it_scored() -> None:
     assert pooled["energy_points"] == 40
     assert pooled["energy_runs_covering_all"] == 1
     assert pooled["runtime_band_coverage"] is None  # nothing scored
-    assert pooled["soc_rmse_bms"] is None
+    # the BMS by the rows it was scored on (a cycler's log has no BMS SoC, a run may lack it)
+    assert pooled["soc_rmse_bms"] == pytest.approx(np.sqrt((0.02**2 + 0.04**2) / 2), rel=1e-12)
+    assert pooled["soc_z_rms"] is None
 
 
 def test_band_places_say_where_the_truth_fell_and_plot(replayed: Path, tmp_path: Path) -> None:

@@ -1009,7 +1009,7 @@ def _draw_commands(
         f"{ocv_error_mv:g}",
         "--out",
         str(out),
-        *(["--packs", str(packs)] if packs is not None else []),
+        *(["--packs", str(packs)] if packs else []),
     ]
     return [emulate, [*mgtwin, "replay", str(out)]]
 
@@ -1020,7 +1020,9 @@ def bands(
         "runs/bands"
     ),
     scenario: Annotated[str, typer.Option("--scenario", "-s", help="Packaged scenario or TOML file.")] = "nevada",
-    packs: Annotated[int | None, typer.Option(help="Scale the scenario down to N packs, keeping the mix.", min=1)] = 60,
+    packs: Annotated[
+        int, typer.Option(help="Scale the scenario to N packs, keeping the mix (0: the scenario's own).", min=0)
+    ] = 60,
     duration: Annotated[str, typer.Option("--duration", "-d", help="Simulated time of each draw.")] = "4h",
     draws: Annotated[int, typer.Option(help="How many draws of the site.", min=1, max=500)] = 24,
     ocv_error_mv: Annotated[
@@ -1058,9 +1060,11 @@ def bands(
     bands, pooled, against a calibrated band's curve, and each draw's coverage.
     """
     import subprocess
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     import polars as pl
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from emulators.scenario import load_scenario
@@ -1071,8 +1075,11 @@ def bands(
         sc = load_scenario(scenario)
     except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--scenario") from exc
+    parse_duration(duration)  # a bad duration is said here, not by every draw
+    options = _evaluate_options(skip)
     mv = 1000.0 * SocOptions().ocv_error_v if ocv_error_mv is None else ocv_error_mv
     folders = [out / f"draw-{k:02d}" for k in range(draws)]
+    stop = threading.Event()
 
     def run_draw(k: int) -> None:
         for cmd in _draw_commands(
@@ -1085,10 +1092,14 @@ def bands(
             ocv_error_mv=mv,
             out=folders[k],
         ):
+            if stop.is_set():
+                return
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if stop.is_set():
+                return  # interrupted meanwhile: what the step wrote may be partial, replay nothing of it
             if done.returncode != 0:
                 tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-                msg = f"draw {k} failed: {' '.join(cmd[3:5])} exited {done.returncode}: {tail}"
+                msg = f"draw {k} failed: mgtwin {cmd[3]} {folders[k]} exited {done.returncode}: {escape(tail)}"
                 raise TwinError(msg)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -1097,22 +1108,28 @@ def bands(
         f"{mv:g} mV RMS off) -> {out}",
         highlight=False,
     )
-    with (
-        Progress(
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        with Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             console=err_console,
             transient=True,
-        ) as bar,
-        ThreadPoolExecutor(max_workers=jobs) as pool,
-    ):
-        task = bar.add_task("emulating and replaying", total=draws)
-        for future in [pool.submit(run_draw, k) for k in range(draws)]:
-            future.result()
-            bar.advance(task)
-    options = _evaluate_options(skip)
+        ) as bar:
+            task = bar.add_task("emulating and replaying", total=draws)
+            for future in as_completed([pool.submit(run_draw, k) for k in range(draws)]):
+                future.result()
+                bar.advance(task)
+    except BaseException:
+        # A draw failed, or Ctrl-C (which the running steps got too): start nothing more, and
+        # wait for what is running so that no process is left behind.
+        stop.set()
+        err_console.print("stopping: waiting for the draws under way to end", highlight=False)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     rows = [{"run": str(f), "ocv_error_mv": _ocv_error_mv(f), **evaluate_run(f, options=options)} for f in folders]
     pooled = pool_scores(rows)
     if plots:

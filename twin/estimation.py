@@ -88,7 +88,7 @@ class PackEstimates:
     pack_ids: tuple[str, ...]
     soc: F64  # usable SoC of the string (what it can deliver), fraction
     soc_std: F64
-    soc_std_shared: F64  # the part of soc_std a chemistry-wide error can cause (the mean cell's)
+    soc_std_shared: F64  # the part of soc_std the chemistry's OCV table can cause (common to its packs)
     soc_mean: F64  # mean SoC of the cell groups
     soc_min_cell: F64
     current_offset_a: F64

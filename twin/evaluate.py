@@ -270,6 +270,7 @@ def evaluate_run(
         out["soc_mean_std"] = overall["std"]
         out["pack_energy_mape"] = overall["energy"]
         out["soc_rmse_bms"] = scored.select(_rmse("soc_bms", "soc_true")).item() if scored.height else None
+        out["soc_bms_rows"] = scored.height
         by = (
             packs.group_by("chemistry")
             .agg(est=_rmse("soc", "soc_true"), bms=_rmse("soc_bms", "soc_true"), n=pl.len())
@@ -286,6 +287,7 @@ def evaluate_run(
             .with_columns(z=(pl.col("soc") - pl.col("soc_true")) / pl.col("soc_std"))
             .filter(pl.col("z").is_finite())
         )
+        out["soc_z_rows"] = z.height
         if z.height:
             out["soc_z_rms"] = z.select((pl.col("z") ** 2).mean().sqrt()).item()
             by_z = z.group_by("chemistry").agg(z=(pl.col("z") ** 2).mean().sqrt()).sort("chemistry")
@@ -324,8 +326,8 @@ def pool_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     nearly never. Whether P5-P95 holds the truth 90 % of the time is a question about many
     runs, each with its own draw of those errors.
 
-    SoC RMSE (the twin's and the BMS's) and the error over its std are pooled over the runs'
-    scored pack rows (the root of the row-weighted mean of squares); site MAPE and band
+    SoC RMSE (the twin's and the BMS's) and the error over its std are pooled over the rows
+    each scored (the root of the row-weighted mean of squares); site MAPE and band
     coverage are weighted by each run's scored points; a band's half-width and error are the
     median of the runs' medians. Runs with nothing to score for a figure are left out of it.
 
@@ -361,8 +363,8 @@ def pool_scores(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return float(values[mid]) if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
     out: dict[str, Any] = {"runs": len(runs)}
-    for key in ("soc_rmse", "soc_rmse_bms", "soc_z_rms"):
-        out[key] = weighted(key, "pack_rows_scored", squared=True)
+    for key, rows in (("soc_rmse", "pack_rows_scored"), ("soc_rmse_bms", "soc_bms_rows"), ("soc_z_rms", "soc_z_rows")):
+        out[key] = weighted(key, rows, squared=True)
     for name in ("energy", "runtime", "ridethrough"):
         points = f"{name}_points"
         out[f"{name}_mape"] = weighted(f"{name}_mape", points)
@@ -602,7 +604,9 @@ def plot_bands(rows: Sequence[Mapping[str, Any]], places: pl.DataFrame, path: Pa
         for edge in (-P25_IN_BAND, P25_IN_BAND):
             ax.axvline(edge, color="tab:gray", ls=":", lw=0.8)
         held, held50 = pooled[f"{key}_band_coverage"], pooled[f"{key}_band50_coverage"]
-        text = "nothing scored" if held is None else f"P5-P95 held {held:.0%}, P25-P75 {held50:.0%}"
+        text = "nothing scored" if held is None else f"P5-P95 held {held:.0%}"
+        if held50 is not None:
+            text += f", P25-P75 {held50:.0%}"
         ax.set_title(f"{names[key]}: {text}", fontsize=9)
         ax.set_xlabel("truth's place in the band (-1: P5, +1: P95; clipped at 3)", fontsize=8)
         ax.set_xlim(-3.0, 3.0)

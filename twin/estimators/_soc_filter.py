@@ -398,7 +398,7 @@ def run(
 
 @kernel
 def _usable_share(soc: float, cx: F64) -> float:
-    """The string's usable capacity over its mean cell's (see ``SocEstimator``'s ``_usable_share``)."""
+    """The string's usable capacity over its mean cell's: held + room of ``soc._held_room``, rates on their sides."""
     rate_min, rate_max = cx[0, CR], cx[1, CR]
     if not (-RATE_SLACK <= rate_min <= MAX_RATE and -MAX_RATE <= rate_max <= RATE_SLACK):
         return 1.0  # trackers that make no sense leave the count on the string's capacity

@@ -115,7 +115,8 @@ top of a charge the weakest cell, level with the others by then, is the first fu
 twin publishes ``soc_usable`` with ``soc_usable_std``: the mean's variance and each extreme
 cell's (its offset's, its rate's and their covariance) carried through this formula to first
 order (the filters are separate, so taken as independent). The usable swing is narrower than
-the mean cell's, so the mean's error counts for ``1 / (held + room)`` of itself; an extreme
+the mean cell's, so the mean's error counts for about ``1 / (held + room)`` of itself (exactly
+1 where one cell sets both ends); an extreme
 cell whose rate has not been seen (a pack at rest since the start) leaves several % open.
 On the emulated 4 h nevada site, whose cells are the twin's OCV tables, the error over this
 std is 0.18 (LMO 0.41): conservative, as the std budgets for a table 3 mV off and the rates'
@@ -1159,12 +1160,13 @@ class SocEstimate:
         soc_std: its standard deviation (from the filter's covariance), fraction.
         soc_min_cell: SoC of the weakest cell group, or NaN without ``cell_v_min_v`` data.
         soc_max_cell: SoC of the strongest cell group, or NaN without ``cell_v_max_v`` data.
-        soc_usable: the string's usable SoC: the charge its weakest cell still holds over that
-            plus the room left in its strongest (module docstring); equal to
-            ``soc`` without cell-voltage data.
+        soc_usable: the string's usable SoC: the charge it still holds (its first cell to
+            empty's) over that plus the room it has left (its first cell to fill's; module
+            docstring); equal to ``soc`` without cell-voltage data.
         soc_usable_std: its standard deviation, fraction: the mean's and the extreme cells'
             offsets' and rates' carried through the usable SoC's formula to first order (the
-            usable swing is narrower than the mean cell's, so the mean's error counts for more).
+            usable swing is narrower than the mean cell's, so the mean's error counts for more,
+            except where one cell sets both ends).
         soc_usable_std_shared: the part of ``soc_usable_std`` an error of the chemistry's
             OCV table, common to its packs, can cause, fraction: the mean cell's SoC error up
             to ``ocv_error_v`` over the OCV slope at its SoC, through the usable SoC's formula
@@ -1273,9 +1275,9 @@ def estimate_from_state(state: SocState, params: SocParams, *, now_ms: int | Non
     cx = state.cell_x
     s_min = np.where(has_cells[:, 0], np.clip(soc_raw + cx[:, 0, _CD], 0.0, 1.0), np.nan)
     s_max = np.where(has_cells[:, 1], np.clip(soc_raw + cx[:, 1, _CD], 0.0, 1.0), np.nan)
-    # The string is empty when its weakest cell is, full when its strongest is: usable SoC =
-    # charge the weakest cell still holds over that plus the room left in the strongest,
-    # each cell's capacity being the mean's over (1 + its rate).
+    # The string is empty when its first cell is, full when its first is (:func:`_held_room`):
+    # usable SoC = the charge it still holds over that plus the room it has left, each cell's
+    # capacity being the mean's over (1 + its rate).
     # Once a rate is known to within _SETTLED_RATE_STD it is read on its side of zero
     # (:func:`_extreme_rates`); before, as it is: clipping a noisy estimate would bias the first
     # hours' usable swing (nevada, Leaf packs, first two hours: 1.2 -> 1.9 %).
