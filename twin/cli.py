@@ -775,6 +775,13 @@ def _evaluate_options(skip: str) -> EvaluateOptions:
     return EvaluateOptions(skip_s=parse_duration(skip) if skip not in ("0", "0s") else 0.0)
 
 
+def _scored_row(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
+    """One run's row for ``compare`` and ``bands``: its folder, its cells' OCV error and its scores."""
+    from twin.evaluate import evaluate_run
+
+    return {"run": str(run_dir), "ocv_error_mv": _ocv_error_mv(run_dir), **evaluate_run(run_dir, options=options)}
+
+
 def _ocv_error_mv(run_dir: Path) -> float | None:
     """The run's ``cell_model.ocv_error_mv`` from its run.json (None if not recorded or unreadable)."""
     try:
@@ -891,13 +898,11 @@ def compare(
     """
     from rich.progress import track
 
-    from twin.evaluate import evaluate_run, pool_scores
+    from twin.evaluate import pool_scores
 
     options = _evaluate_options(skip)
-    rows = []
-    for run_dir in track(run_dirs, description="scoring", disable=len(run_dirs) < 4 or not console.is_terminal):
-        scores = evaluate_run(run_dir, options=options)
-        rows.append({"run": str(run_dir), "ocv_error_mv": _ocv_error_mv(run_dir), **scores})
+    progress = track(run_dirs, description="scoring", disable=len(run_dirs) < 4 or not console.is_terminal)
+    rows = [_scored_row(run_dir, options) for run_dir in progress]
     pooled = pool_scores(rows)
     if as_json:
         sys.stdout.write(json.dumps({"runs": rows, "pooled": pooled}, sort_keys=True) + "\n")
@@ -1069,7 +1074,7 @@ def bands(
 
     from emulators.scenario import load_scenario
     from twin.estimators.soc import SocOptions
-    from twin.evaluate import band_places, evaluate_run, plot_bands, pool_scores
+    from twin.evaluate import band_places, plot_bands, pool_scores
 
     try:
         sc = load_scenario(scenario)
@@ -1130,7 +1135,7 @@ def bands(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    rows = [{"run": str(f), "ocv_error_mv": _ocv_error_mv(f), **evaluate_run(f, options=options)} for f in folders]
+    rows = [_scored_row(f, options) for f in folders]
     pooled = pool_scores(rows)
     if plots:
         places = pl.concat([band_places(f, options=options) for f in folders])
